@@ -1,0 +1,1 @@
+"""zegkit: zero-shot / open-vocabulary semantic segmentation with CLIP."""
