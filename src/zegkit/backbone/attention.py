@@ -1,0 +1,128 @@
+"""Attention variants for surgery inside CLIP's vision blocks, chosen by name from one table.
+
+Every variant maps the per-head queries and keys of a layer to attention weights (B, heads, T, T);
+the block then mixes the layer's values with them. The training-free methods differ mainly in which
+variant their last block uses and whether that block keeps its residual and feed-forward paths, so
+a method declares a `BlockSurgery` per layer instead of rewriting the block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Grid = tuple[int, int]
+AttentionFn = Callable[..., Tensor]
+
+
+def _scores(a: Tensor, b: Tensor) -> Tensor:
+    """Scaled dot products a·bᵀ / sqrt(head_dim): (B, heads, T, T)."""
+    return (a @ b.transpose(-2, -1)) * a.shape[-1] ** -0.5
+
+
+def vanilla(q: Tensor, k: Tensor, grid: Grid) -> Tensor:
+    """CLIP's own attention: softmax(q·kᵀ / sqrt(d))."""
+    return _scores(q, k).softmax(-1)
+
+
+def query_query(q: Tensor, k: Tensor, grid: Grid) -> Tensor:
+    """Self-correlation of queries, softmax(q·qᵀ / sqrt(d)) (ClearCLIP)."""
+    return _scores(q, q).softmax(-1)
+
+
+def key_key(q: Tensor, k: Tensor, grid: Grid) -> Tensor:
+    """Self-correlation of keys, softmax(k·kᵀ / sqrt(d))."""
+    return _scores(k, k).softmax(-1)
+
+
+def correlative(q: Tensor, k: Tensor, grid: Grid) -> Tensor:
+    """SCLIP's correlative self-attention: softmax(q·qᵀ/√d) + softmax(k·kᵀ/√d)."""
+    return query_query(q, k, grid) + key_key(q, k, grid)
+
+
+def identity(q: Tensor, k: Tensor, grid: Grid) -> Tensor:
+    """Each token attends only to itself: the block passes its values through (MaskCLIP)."""
+    tokens = q.shape[-2]
+    return torch.eye(tokens, dtype=q.dtype, device=q.device).expand(*q.shape[:-2], tokens, tokens)
+
+
+@lru_cache(maxsize=32)
+def _gaussian_window(grid: Grid, std: float, prefix: int) -> Tensor:
+    """Log-space Gaussian over patch-grid distances, (T, T); zero in the prefix rows and columns.
+
+    Entry (i, j) is -|p_i - p_j|² / (2 std²) for patches i, j at grid positions p_i, p_j, so adding
+    it to attention logits multiplies the attention by an unnormalised Gaussian of the distance.
+    """
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    positions = torch.stack([ys.flatten(), xs.flatten()], dim=-1).float()  # (h*w, 2)
+    squared = torch.cdist(positions, positions).pow(2)
+    window = torch.zeros(prefix + h * w, prefix + h * w)
+    window[prefix:, prefix:] = -squared / (2 * std**2)
+    return window
+
+
+def gaussian_key_key(q: Tensor, k: Tensor, grid: Grid, std: float = 5.0) -> Tensor:
+    """NACLIP's neighbourhood attention: softmax(k·kᵀ/√d + log-Gaussian window of grid distance)."""
+    prefix = q.shape[-2] - grid[0] * grid[1]
+    window = _gaussian_window(grid, float(std), prefix).to(q.device, q.dtype)
+    return (_scores(k, k) + window).softmax(-1)
+
+
+ATTENTION: dict[str, AttentionFn] = {
+    "vanilla": vanilla,
+    "qq": query_query,
+    "kk": key_key,
+    "qq+kk": correlative,
+    "identity": identity,
+    "gaussian_kk": gaussian_key_key,
+}
+
+
+def check_attention(kind: str) -> None:
+    """Raise a ValueError naming `kind` and the valid variants if it is not in ATTENTION."""
+    if kind not in ATTENTION:
+        raise ValueError(f"Unknown attention variant {kind!r}; choose one of {sorted(ATTENTION)}.")
+
+
+def attention_weights(kind: str, q: Tensor, k: Tensor, grid: Grid, **options: float) -> Tensor:
+    """Attention weights (B, heads, T, T) of variant `kind` from per-head q, k (B, heads, T, d)."""
+    check_attention(kind)
+    return ATTENTION[kind](q, k, grid, **options)
+
+
+@dataclass(frozen=True)
+class BlockSurgery:
+    """How one vision block runs: its attention variant and which of its paths it keeps.
+
+    Attributes:
+        attention: key of ATTENTION.
+        residual: keep the residual connection around attention (x + attn(x)); without it the block
+            outputs the attention branch alone, as ClearCLIP's analysis recommends for the last block.
+        ffn: keep the feed-forward (MLP) branch with its residual.
+        options: keyword options of the attention variant, e.g. {"std": 5.0} for "gaussian_kk".
+    """
+
+    attention: str = "vanilla"
+    residual: bool = True
+    ffn: bool = True
+    options: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_attention(self.attention)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: Grid) -> Tensor:
+        """Mix values v (B, heads, T, d) with this block's attention; returns (B, heads, T, d)."""
+        if self.attention == "vanilla":
+            return F.scaled_dot_product_attention(q, k, v)
+        if self.attention == "identity":
+            return v
+        return attention_weights(self.attention, q, k, grid, **self.options) @ v
+
+
+VANILLA = BlockSurgery()

@@ -1,0 +1,111 @@
+"""The layer-by-layer forward reproduces transformers' CLIP exactly when no surgery is asked for."""
+
+import pytest
+import torch
+from conftest import make_tiny_clip
+
+from zegkit.backbone import BlockSurgery, ClipBackbone, take_indices
+
+TOL = 1e-5
+
+
+def _backbone(patch_size: int, tokenizer) -> ClipBackbone:
+    return ClipBackbone(make_tiny_clip(patch_size), tokenizer, f"tiny-{patch_size}")
+
+
+@pytest.mark.parametrize("patch_size", [16, 14])
+@pytest.mark.parametrize("size", [(224, 224), (224, 336), (448, 448)])
+def test_no_surgery_matches_transformers(patch_size, size, tiny_tokenizer):
+    backbone = _backbone(patch_size, tiny_tokenizer)
+    pixels = torch.randn(2, 3, *size)
+    ours = backbone.forward_intermediates(pixels)
+    with torch.no_grad():
+        theirs = backbone.model.vision_model(
+            pixel_values=pixels, interpolate_pos_encoding=True, output_hidden_states=True
+        )
+        features = backbone.model.get_image_features(
+            pixel_values=pixels, interpolate_pos_encoding=True
+        ).pooler_output
+        ours_features = backbone.image_features(pixels)
+    assert (ours.hidden - theirs.last_hidden_state).abs().max() <= TOL
+    for mine, reference in zip(ours.intermediate_prefix, theirs.hidden_states[1:], strict=True):
+        assert (mine - reference[:, 0]).abs().max() <= TOL
+    for mine, reference in zip(ours.intermediates, theirs.hidden_states[1:], strict=True):
+        assert (mine - reference[:, 1:]).abs().max() <= TOL
+    assert (ours_features - features).abs().max() <= TOL
+
+
+def test_text_embeddings_match_transformers(tiny_tokenizer):
+    backbone = _backbone(16, tiny_tokenizer)
+    texts = ["a photo of a dog", "grass", "a red star on brick"]
+    batch = tiny_tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        reference = backbone.model.get_text_features(**batch).pooler_output
+    singles = torch.cat([backbone.encode_text([text]) for text in texts])
+    assert (backbone.encode_text(texts) - reference).abs().max() <= TOL
+    assert (singles - reference).abs().max() <= TOL  # padding to the longest changes nothing
+
+
+def test_take_indices():
+    assert take_indices(12, None) == list(range(12))
+    assert take_indices(12, 3) == [9, 10, 11]
+    assert take_indices(12, [-1, 0, 5]) == [0, 5, 11]
+    with pytest.raises(ValueError, match="outside this model's 12 layers"):
+        take_indices(12, [12])
+
+
+def test_output_format_and_stop_early(tiny_tokenizer):
+    backbone = _backbone(16, tiny_tokenizer)
+    pixels = torch.randn(1, 3, 224, 288)
+    out = backbone.forward_intermediates(pixels, indices=[0], output_fmt="NCHW", stop_early=True)
+    assert out.grid == (14, 18)
+    assert out.intermediates[0].shape == (1, 48, 14, 18)
+    full = backbone.forward_intermediates(pixels, indices=[0])
+    assert torch.allclose(out.hidden[:, 1:], full.intermediates[0])  # only layer 0 ran
+    assert torch.allclose(out.intermediates[0].flatten(2).transpose(1, 2), full.intermediates[0])
+
+
+def test_surgery_block_is_the_direct_formula(tiny_tokenizer):
+    """Last block with q-q + k-k attention and no residual/FFN, computed by hand."""
+    backbone = _backbone(16, tiny_tokenizer)
+    pixels = torch.randn(1, 3, 224, 224)
+    surgery = BlockSurgery("qq+kk", residual=False, ffn=False)
+    out = backbone.forward_intermediates(pixels, indices=[1], surgery={-1: surgery})
+    x = backbone.layers[-1].layer_norm1(
+        torch.cat([out.intermediate_prefix[0][:, None], out.intermediates[0]], dim=1)
+    )
+    attn = backbone.layers[-1].self_attn
+    heads, dim = backbone.num_heads, backbone.width // backbone.num_heads
+    q = attn.q_proj(x).view(1, -1, heads, dim).transpose(1, 2)
+    k = attn.k_proj(x).view(1, -1, heads, dim).transpose(1, 2)
+    v = attn.v_proj(x).view(1, -1, heads, dim).transpose(1, 2)
+    weights = (q @ q.transpose(-1, -2) / dim**0.5).softmax(-1)
+    weights = weights + (k @ k.transpose(-1, -2) / dim**0.5).softmax(-1)
+    expected = attn.out_proj((weights @ v).transpose(1, 2).reshape(1, -1, backbone.width))
+    assert (out.hidden - expected).abs().max() <= TOL
+
+
+def test_cls_override_and_attention_maps(tiny_tokenizer):
+    backbone = _backbone(16, tiny_tokenizer)
+    pixels = torch.randn(2, 3, 224, 224)
+    token = torch.randn(2, backbone.width)
+    out = backbone.forward_intermediates(
+        pixels, indices=[0], cls_override={1: token}, return_attention=[1]
+    )
+    x = torch.cat([token[:, None], out.intermediates[0]], dim=1)
+    expected, weights = backbone.block(1, x, out.grid, return_attention=True)
+    assert torch.allclose(out.attention[1], weights)
+    assert torch.allclose(out.attention[1].sum(-1), torch.ones(2, 4, 197))
+    plain = backbone.forward_intermediates(pixels, stop_early=True, indices=[1])
+    assert not torch.allclose(plain.intermediates[0], expected[:, 1:])
+
+
+def test_bad_surgery_arguments(tiny_tokenizer):
+    backbone = _backbone(16, tiny_tokenizer)
+    pixels = torch.randn(1, 3, 224, 224)
+    with pytest.raises(ValueError, match="Unknown attention variant 'qk'"):
+        BlockSurgery("qk")
+    with pytest.raises(ValueError, match="same layer twice"):
+        backbone.forward_intermediates(pixels, surgery={2: BlockSurgery(), -1: BlockSurgery()})
+    with pytest.raises(ValueError, match="output_fmt"):
+        backbone.forward_intermediates(pixels, output_fmt="NHWC")
