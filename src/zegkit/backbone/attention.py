@@ -102,8 +102,8 @@ class BlockSurgery:
 
     Attributes:
         attention: key of ATTENTION.
-        residual: keep the residual connection around attention (x + attn(x)); without it the block
-            outputs the attention branch alone, as ClearCLIP's analysis recommends for the last block.
+        residual: keep the residual connection around attention (x + attn(x)); without it the
+            block outputs the attention branch alone (ClearCLIP's finding for the last block).
         ffn: keep the feed-forward (MLP) branch with its residual.
         options: keyword options of the attention variant, e.g. {"std": 5.0} for "gaussian_kk".
     """

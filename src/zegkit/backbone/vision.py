@@ -33,9 +33,10 @@ class Intermediates:
     Attributes:
         hidden: output of the last layer run, (B, 1 + h*w, C), before post_layernorm.
         grid: patch grid (h, w).
-        intermediates: per requested layer, (B, h*w, C) for output_fmt 'NLC' or (B, C, h, w) for 'NCHW'.
+        intermediates: per requested layer, (B, h*w, C) for output_fmt 'NLC' or (B, C, h, w)
+            for 'NCHW'.
         intermediate_prefix: per requested layer, its [CLS] token (B, C).
-        attention: layer index -> attention weights (B, heads, T, T) for each layer in return_attention.
+        attention: layer index -> attention weights (B, heads, T, T), for return_attention.
     """
 
     hidden: Tensor
@@ -140,7 +141,7 @@ class ClipBackbone(nn.Module):
         return (images - mean[:, None, None]) / std[:, None, None]
 
     def grid_size(self, pixels: Tensor) -> Grid:
-        """Patch grid (h, w) of an input (B, 3, H, W); pixels past the last full patch are unused."""
+        """Patch grid (h, w) of input (B, 3, H, W); pixels past the last full patch are unused."""
         return pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
 
     def position_embedding(self, grid: Grid) -> Tensor:
