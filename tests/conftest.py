@@ -16,17 +16,38 @@ WORDS = (
 )
 
 
-def tiny_clip_config(patch_size: int = 16, image_size: int = 224, layers: int = 3,
-                     vocab_size: int = 400) -> CLIPConfig:
+def tiny_clip_config(
+    patch_size: int = 16, image_size: int = 224, layers: int = 3, vocab_size: int = 400
+) -> CLIPConfig:
     """A CLIP config with the shape of ViT-B/16 (or L/14 with patch_size=14) but tiny widths."""
     return CLIPConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
-                           num_attention_heads=4, image_size=image_size, patch_size=patch_size),
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
         projection_dim=24,
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_text_cache(tmp_path_factory):
+    """Keep the text-embedding disk cache of the test session out of the user's home."""
+    os.environ["ZEGKIT_CACHE"] = str(tmp_path_factory.mktemp("zegkit-cache"))
 
 
 @pytest.fixture(scope="session")

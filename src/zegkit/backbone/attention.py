@@ -53,22 +53,23 @@ def identity(q: Tensor, k: Tensor, grid: Grid) -> Tensor:
 
 @lru_cache(maxsize=32)
 def _gaussian_window(grid: Grid, std: float, prefix: int) -> Tensor:
-    """Log-space Gaussian over patch-grid distances, (T, T); zero in the prefix rows and columns.
+    """NACLIP's neighbourhood bias Ω (T, T); zero in the prefix ([CLS]) rows and columns.
 
-    Entry (i, j) is -|p_i - p_j|² / (2 std²) for patches i, j at grid positions p_i, p_j, so adding
-    it to attention logits multiplies the attention by an unnormalised Gaussian of the distance.
+    Ω[p, p'] = exp(-|p - p'|² / (2 std²)) for patches at grid positions p, p' (peak 1, not
+    normalised, covering the whole grid), as NACLIP's `gaussian_window` builds it.
     """
     h, w = grid
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     positions = torch.stack([ys.flatten(), xs.flatten()], dim=-1).float()  # (h*w, 2)
     squared = torch.cdist(positions, positions).pow(2)
     window = torch.zeros(prefix + h * w, prefix + h * w)
-    window[prefix:, prefix:] = -squared / (2 * std**2)
+    window[prefix:, prefix:] = torch.exp(-squared / (2 * std**2))
     return window
 
 
 def gaussian_key_key(q: Tensor, k: Tensor, grid: Grid, std: float = 5.0) -> Tensor:
-    """NACLIP's neighbourhood attention: softmax(k·kᵀ/√d + log-Gaussian window of grid distance)."""
+    """NACLIP's neighbourhood attention: softmax(k·kᵀ/√d + Ω), Ω a Gaussian of grid distance
+    added to the logits unscaled (std in patches; NACLIP's default 5)."""
     prefix = q.shape[-2] - grid[0] * grid[1]
     window = _gaussian_window(grid, float(std), prefix).to(q.device, q.dtype)
     return (_scores(k, k) + window).softmax(-1)

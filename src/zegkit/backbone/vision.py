@@ -121,9 +121,9 @@ class ClipBackbone(nn.Module):
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         """Projected EOT embeddings (N, D) of `texts`, padded to the longest, not normalised."""
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, return_tensors="pt"
-        ).to(self.device)
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(
+            self.device
+        )
         output = self.model.get_text_features(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         )

@@ -1,0 +1,50 @@
+"""Methods by name: `create_method("sclip", logit_scale=50)`, `list_methods()`.
+
+An explicit name -> (config dataclass, method class) table; no registry decorators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+from zegkit.methods.base import Method, MethodConfig
+from zegkit.methods.clearclip import ClearCLIP, ClearCLIPConfig
+from zegkit.methods.maskclip import MaskCLIP, MaskCLIPConfig
+from zegkit.methods.naclip import NACLIP, NACLIPConfig
+from zegkit.methods.naive import Naive, NaiveConfig
+from zegkit.methods.sclip import SCLIP, SCLIPConfig
+
+METHODS: dict[str, tuple[type[MethodConfig], type[Method]]] = {
+    "naive": (NaiveConfig, Naive),
+    "maskclip": (MaskCLIPConfig, MaskCLIP),
+    "sclip": (SCLIPConfig, SCLIP),
+    "clearclip": (ClearCLIPConfig, ClearCLIP),
+    "naclip": (NACLIPConfig, NACLIP),
+}
+
+
+def create_method(name: str, **overrides: object) -> Method:
+    """Build method `name` from its default config with keyword `overrides` (None values ignored).
+
+    Raises:
+        ValueError: unknown method name or unknown config field, listing the valid ones.
+    """
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; available: {', '.join(sorted(METHODS))}.")
+    config_class, method_class = METHODS[name]
+    valid = {f.name for f in fields(config_class)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(
+            f"Method {name!r} has no setting(s) {unknown}; its settings are {sorted(valid)}."
+        )
+    config = replace(config_class(), **{k: v for k, v in overrides.items() if v is not None})
+    return method_class(config)
+
+
+def list_methods() -> dict[str, str]:
+    """Method names with their one-line descriptions."""
+    return {name: method.description for name, (_, method) in METHODS.items()}
+
+
+__all__ = ["METHODS", "Method", "MethodConfig", "create_method", "list_methods"]

@@ -1,0 +1,91 @@
+"""Sliding-window stitching, resizing and the class decision of the inference protocol."""
+
+import pytest
+import torch
+
+from zegkit.inference import (
+    InferenceConfig,
+    class_probabilities,
+    decide_labels,
+    resized_size,
+    sliding_logits,
+    whole_logits,
+    window_starts,
+)
+
+
+def test_window_starts_cover_and_snap_to_the_edge():
+    assert window_starts(448, 224, 112) == [0, 112, 224]
+    assert window_starts(597, 224, 112) == [0, 112, 224, 336, 373]
+    assert window_starts(100, 224, 112) == [0]
+    for length in range(224, 700, 37):
+        starts = window_starts(length, 224, 112)
+        covered = torch.zeros(length)
+        for s in starts:
+            covered[s : s + 224] = 1
+        assert covered.all() and starts[-1] + 224 == length
+
+
+def test_resized_size_short_side_and_cap():
+    assert resized_size(300, 400, 448) == (448, 597)
+    assert resized_size(100, 4000, 448) == (51, 2048)  # long side capped as mmseg does
+    assert resized_size(300, 400, None) == (300, 400)
+
+
+def _pixelwise(crops):
+    """A 'method' whose logits depend only on each pixel: stitching must reproduce it exactly."""
+    return torch.cat([crops.mean(1, keepdim=True), -crops.mean(1, keepdim=True)], 1)
+
+
+def test_sliding_equals_pixelwise_everywhere():
+    pixels = torch.randn(2, 3, 250, 333)
+    config = InferenceConfig(crop=64, stride=40, crop_batch=5)
+    stitched = sliding_logits(_pixelwise, pixels, config)
+    assert stitched.shape == (2, 2, 250, 333)
+    assert torch.allclose(stitched, _pixelwise(pixels), atol=1e-5)
+
+
+def test_image_smaller_than_crop_is_padded_then_cut():
+    pixels = torch.randn(1, 3, 50, 70)
+    stitched = sliding_logits(_pixelwise, pixels, InferenceConfig(crop=64, stride=32))
+    assert stitched.shape == (1, 2, 50, 70)
+    assert torch.allclose(stitched, _pixelwise(pixels), atol=1e-5)
+
+
+def test_whole_mode_pads_to_patch_multiple():
+    pixels = torch.randn(1, 3, 50, 70)
+    seen = []
+
+    def method(x):
+        seen.append(x.shape[-2:])
+        return _pixelwise(x)
+
+    out = whole_logits(method, pixels, patch_size=16)
+    assert seen == [(64, 80)] and out.shape == (1, 2, 50, 70)
+
+
+def test_synonym_max_and_background_threshold():
+    logits = torch.tensor([0.30, 0.25, 0.10, 0.28]).view(1, 4, 1, 1)  # rows: bg, bg, dog, cat
+    class_index = torch.tensor([0, 0, 1, 2])
+    probs = class_probabilities(logits, class_index, 3, logit_scale=10.0)
+    joint = (10 * logits.flatten()).softmax(0)
+    assert torch.allclose(probs.flatten(), torch.stack([joint[:2].max(), joint[2], joint[3]]))
+    assert decide_labels(probs, None).item() == 0
+    probs = torch.tensor([0.2, 0.5, 0.3]).view(1, 3, 1, 1)
+    assert decide_labels(probs, 0.4).item() == 1
+    assert decide_labels(probs, 0.6).item() == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"mode": "tiles"}, "mode must be one of"),
+        ({"precision": "fp16"}, "precision must be one of"),
+        ({"stride": 300}, "larger than crop"),
+        ({"background_threshold": 2.0}, "probability in"),
+        ({"crop": 0}, "positive integer"),
+    ],
+)
+def test_bad_config(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        InferenceConfig(**kwargs)
