@@ -1,0 +1,230 @@
+"""Evaluation protocols: the settings behind the field's published tables, by name.
+
+A `Protocol` names a dataset and the inference settings a paper's table used (short side, crop,
+stride, mode, logit scale, background threshold), plus the seen/unseen classes of a zero-shot
+split. Its inference fields have the names of `zegkit.inference.InferenceConfig`'s, so
+``InferenceConfig(**protocol.inference_overrides())`` applies it. A result records the protocol's
+name, so every number says which settings produced it.
+
+Sources:
+
+- ``sclip-*``: SCLIP (arXiv 2312.01597), wangf3014/SCLIP @ 57fa9aa ``configs/cfg_*.py`` and
+  ``clip_segmentor.py``: ``Resize(scale=(2048, short_side), keep_ratio=True)``, sliding window
+  224 / stride 112, ``logit_scale`` 40 unless a config sets it, ``prob_thd`` (our
+  background_threshold) on the datasets with a background class. ClearCLIP and NACLIP evaluate
+  with the same settings. SCLIP's VOC21 config also sets ``area_thd=0.1`` (classes covering
+  less than 10% of the predicted foreground are dropped); zegkit does not implement it, so
+  sclip-voc21 numbers can differ slightly from SCLIP's table.
+- ``zegclip-voc-15-5``, ``zegclip-coco-156-15``: ZegCLIP (arXiv 2212.03588),
+  ZiqinZhou66/ZegCLIP ``configs/voc12/vpt_seg_zero_vit-b_512x512_20k_12_10.py`` and
+  ``configs/coco/vpt_seg_zero_vit-b_512x512_80k_12_100_multi.py``: test short side 512
+  (``img_scale=(2048, 512)``), slide 512 / stride 426; VOC evaluated without background (voc20),
+  unseen = the last five VOC classes (``novel_class = [15..19]``); COCO-Stuff 171 with
+  ``novel_class = [19, 23, 28, 29, 36, 51, 76, 88, 94, 112, 133, 136, 137, 157, 160]``, the
+  ZS3Net split (Bucher et al., arXiv 1906.00817).
+- ``zs3-context-49-10``: ZS3Net's Pascal Context split, valeoai/ZS3
+  ``pascal_context_unseen_classes.txt`` (10 unseen: cow, motorbike, sofa, cat, boat, fence,
+  bird, tvmonitor, keyboard, aeroplane), on Context 59 with the ZegCLIP-family test settings.
+- ``cascadeclip-context-49-10``: HVision-NKU/Cascade-CLIP
+  ``configs/context_59/vpt_seg_zero_vit-b_512x512_40k_12_10.py`` gives
+  ``novel_class = [0, 2, 3, 7, 9, 13, 17, 19, 31, 37]`` as indices into MMSegmentation's
+  alphabetical Context-59 order, which names aeroplane, bed, bedclothes, boat, bottle, car,
+  cloth, cow, keyboard, plate -- not ZS3Net's ten. (Those indices, plus one, are ZS3Net's classes
+  in ZS3Net's own VOC-first class order, so the list looks carried over without re-indexing.)
+  Published Cascade-CLIP Context numbers were computed on this split; both are provided.
+- ``zegkit-synthetic``: zegkit's synthetic proving ground; seen/unseen come from the dataset's
+  split.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from zegkit.data.base import class_indices
+
+# Settings shared by the training-free protocol (SCLIP clip_segmentor.py defaults).
+SCLIP_CROP = 224
+SCLIP_STRIDE = 112
+SCLIP_LOGIT_SCALE = 40.0
+SCLIP_PROB_THRESHOLD = 0.1
+# ZegCLIP / Cascade-CLIP test settings (test_cfg slide crop 512, stride 426; img_scale 2048x512).
+ZEGCLIP_SHORT_SIDE = 512
+ZEGCLIP_CROP = 512
+ZEGCLIP_STRIDE = 426
+
+INFERENCE_FIELDS = ("short_side", "crop", "stride", "mode", "logit_scale", "background_threshold")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One benchmark's evaluation settings.
+
+    Attributes:
+        name: the protocol's id, recorded with every result (e.g. "sclip-voc21").
+        dataset: the `zegkit.data.load_dataset` name it evaluates.
+        short_side: images are resized so the short side has this many pixels (None: as stored).
+        crop: sliding-window size in pixels.
+        stride: sliding-window step in pixels.
+        mode: "slide" or "whole" (InferenceConfig.mode).
+        logit_scale: softmax temperature before the background threshold (None: the method's).
+        background_threshold: pixels whose best class probability is below it become class 0,
+            the background; None for datasets without a background class.
+        seen: display names of the seen classes of a zero-shot split (None: no split, or the
+            dataset's own split).
+        unseen: display names of the unseen classes.
+        source: the paper / repository file the numbers come from.
+    """
+
+    name: str
+    dataset: str
+    short_side: int | None
+    crop: int
+    stride: int
+    mode: str = "slide"
+    logit_scale: float | None = None
+    background_threshold: float | None = None
+    seen: tuple[str, ...] | None = None
+    unseen: tuple[str, ...] | None = None
+    source: str = ""
+
+    def inference_overrides(self) -> dict[str, object]:
+        """The InferenceConfig fields this protocol sets (None values left to the defaults)."""
+        values = {name: getattr(self, name) for name in INFERENCE_FIELDS}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def split_indices(
+        self, class_names: Sequence[str]
+    ) -> tuple[list[int] | None, list[int] | None]:
+        """(seen, unseen) class indices in a vocabulary; seen defaults to all but the unseen.
+
+        Raises:
+            ValueError: a protocol class name is not (exactly once) in `class_names`.
+        """
+        if self.unseen is None:
+            return None, None
+        unseen = class_indices(self.unseen, class_names)
+        if self.seen is None:
+            seen = [i for i in range(len(class_names)) if i not in unseen]
+        else:
+            seen = class_indices(self.seen, class_names)
+        return seen, unseen
+
+    def to_dict(self) -> dict[str, object]:
+        """The protocol as a JSON-ready dict (recorded next to results)."""
+        record = asdict(self)
+        for key in ("seen", "unseen"):
+            if record[key] is not None:
+                record[key] = list(record[key])
+        return record
+
+
+def _sclip(dataset: str, short_side: int, logit_scale: float = SCLIP_LOGIT_SCALE,
+           background_threshold: float | None = None, config: str = "") -> Protocol:
+    return Protocol(
+        name=f"sclip-{dataset}",
+        dataset=dataset,
+        short_side=short_side,
+        crop=SCLIP_CROP,
+        stride=SCLIP_STRIDE,
+        logit_scale=logit_scale,
+        background_threshold=background_threshold,
+        source=f"SCLIP arXiv 2312.01597, wangf3014/SCLIP configs/{config}",
+    )
+
+
+def _zero_shot(name: str, dataset: str, unseen: Sequence[str], source: str) -> Protocol:
+    return Protocol(
+        name=name,
+        dataset=dataset,
+        short_side=ZEGCLIP_SHORT_SIDE,
+        crop=ZEGCLIP_CROP,
+        stride=ZEGCLIP_STRIDE,
+        unseen=tuple(unseen),
+        source=source,
+    )
+
+
+VOC_UNSEEN_5 = ("pottedplant", "sheep", "sofa", "train", "tvmonitor")
+COCO_STUFF_UNSEEN_15 = (
+    "cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors", "cardboard",
+    "clouds", "grass", "playingfield", "river", "road", "tree", "wall-concrete",
+)
+ZS3_CONTEXT_UNSEEN_10 = (
+    "cow", "motorbike", "sofa", "cat", "boat", "fence", "bird", "tvmonitor", "keyboard",
+    "aeroplane",
+)
+CASCADECLIP_CONTEXT_UNSEEN_10 = (
+    "aeroplane", "bed", "bedclothes", "boat", "bottle", "car", "cloth", "cow", "keyboard", "plate",
+)
+
+_PROTOCOL_LIST = (
+    _sclip("voc21", 336, 65.0, SCLIP_PROB_THRESHOLD, "cfg_voc21.py"),
+    _sclip("voc20", 336, config="cfg_voc20.py"),
+    _sclip("context60", 336, 50.0, SCLIP_PROB_THRESHOLD, "cfg_context60.py"),
+    _sclip("context59", 336, config="cfg_context59.py"),
+    _sclip("coco_object", 336, 50.0, SCLIP_PROB_THRESHOLD, "cfg_coco_object.py"),
+    _sclip("coco_stuff171", 448, config="cfg_coco_stuff164k.py"),
+    _sclip("cityscapes19", 560, config="cfg_city_scapes.py"),
+    _sclip("ade150", 336, config="cfg_ade20k.py"),
+    _zero_shot(
+        "zegclip-voc-15-5", "voc20", VOC_UNSEEN_5,
+        "ZegCLIP arXiv 2212.03588, configs/voc12/vpt_seg_zero_vit-b_512x512_20k_12_10.py",
+    ),
+    _zero_shot(
+        "zegclip-coco-156-15", "coco_stuff171", COCO_STUFF_UNSEEN_15,
+        "ZegCLIP arXiv 2212.03588, configs/coco/vpt_seg_zero_vit-b_512x512_80k_12_100_multi.py",
+    ),
+    _zero_shot(
+        "zs3-context-49-10", "context59", ZS3_CONTEXT_UNSEEN_10,
+        "ZS3Net arXiv 1906.00817, valeoai/ZS3 pascal_context_unseen_classes.txt",
+    ),
+    _zero_shot(
+        "cascadeclip-context-49-10", "context59", CASCADECLIP_CONTEXT_UNSEEN_10,
+        "Cascade-CLIP arXiv 2406.00670, configs/context_59/vpt_seg_zero_vit-b_512x512_40k_12_10.py",
+    ),
+    Protocol(
+        name="zegkit-synthetic",
+        dataset="synthetic",
+        short_side=None,
+        crop=SCLIP_CROP,
+        stride=SCLIP_STRIDE,
+        source="zegkit synthetic proving ground (seen/unseen from the dataset's split.json)",
+    ),
+)
+PROTOCOLS: dict[str, Protocol] = {protocol.name: protocol for protocol in _PROTOCOL_LIST}
+# The protocol `zegkit eval --dataset X` uses when none is named.
+DEFAULT_PROTOCOLS: dict[str, str] = {
+    "voc21": "sclip-voc21",
+    "voc20": "sclip-voc20",
+    "context60": "sclip-context60",
+    "context59": "sclip-context59",
+    "coco_object": "sclip-coco_object",
+    "coco_stuff171": "sclip-coco_stuff171",
+    "cityscapes19": "sclip-cityscapes19",
+    "ade150": "sclip-ade150",
+    "synthetic": "zegkit-synthetic",
+}
+
+
+def list_protocols() -> dict[str, str]:
+    """{protocol name: "dataset -- source"} for every named protocol."""
+    return {name: f"{p.dataset} -- {p.source}" for name, p in PROTOCOLS.items()}
+
+
+def get_protocol(name: str) -> Protocol:
+    """A protocol by name.
+
+    Raises:
+        ValueError: unknown name; the message lists the known ones.
+    """
+    if name not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {name!r}. Known protocols: {sorted(PROTOCOLS)}.")
+    return PROTOCOLS[name]
+
+
+def default_protocol(dataset: str) -> Protocol | None:
+    """The protocol used for `dataset` when none is named (None for e.g. "folder")."""
+    name = DEFAULT_PROTOCOLS.get(dataset)
+    return None if name is None else PROTOCOLS[name]
+
