@@ -32,8 +32,8 @@ def load_clip(
     """
     from zegkit.backbone.loading import load_clip_model
 
-    model, tokenizer, name, (mean, std) = load_clip_model(source, tokenizer_source=tokenizer_source)
-    return ClipBackbone(model, tokenizer, name, mean=mean, std=std).to(device)
+    model, tokenizer, name = load_clip_model(source, tokenizer_source=tokenizer_source)
+    return ClipBackbone(model, tokenizer, name).to(device)
 
 
 __all__ = [

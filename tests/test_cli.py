@@ -1,0 +1,114 @@
+"""`zegkit segment` / `zegkit methods` end to end on a tiny random-weight model saved to disk."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zegkit.cli import main
+
+CLASSES = "person; people, dog, grass, sky"
+
+
+def _write(path, array, mode=None, **save):
+    Image.fromarray(array, mode=mode).save(path, **save)
+    return path
+
+
+@pytest.fixture
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    return _write(tmp_path / "photo.jpg", rng.integers(0, 255, (120, 170, 3), dtype=np.uint8))
+
+
+def _segment(tiny_clip_dir, out, *inputs, classes=CLASSES, extra=()):
+    argv = [
+        "segment",
+        *map(str, inputs),
+        "--classes",
+        classes,
+        "--model",
+        str(tiny_clip_dir),
+        "--out",
+        str(out),
+        "--short-side",
+        "224",
+        *extra,
+    ]
+    return main(argv)
+
+
+def test_segment_writes_three_outputs(tiny_clip_dir, photo, tmp_path):
+    out = tmp_path / "out"
+    assert _segment(tiny_clip_dir, out, photo, extra=["--precision", "bf16"]) == 0
+    labels = np.array(Image.open(out / "photo_labels.png"))
+    assert labels.shape == (120, 170) and labels.max() < 4
+    overlay = Image.open(out / "photo_overlay.png")
+    assert overlay.width > 170  # legend panel beside the image
+    summary = json.loads((out / "photo.json").read_text())
+    assert summary["classes"] == ["person", "dog", "grass", "sky"]
+    assert abs(sum(summary["pixel_fractions"].values()) - 1) < 1e-6
+    assert sorted(p.name for p in out.iterdir()) == [
+        "photo.json",
+        "photo_labels.png",
+        "photo_overlay.png",
+    ]  # no temp files left
+
+
+def test_segment_a_folder_with_every_image_kind(tiny_clip_dir, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    _write(folder / "gray.png", rgb[..., 0])
+    _write(folder / "rgba.png", np.dstack([rgb, np.full((60, 90), 128, np.uint8)]))
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    _write(folder / "deep.png", rgb[..., 0].astype(np.uint16) * 257)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    out = tmp_path / "out"
+    assert _segment(tiny_clip_dir, out, folder) == 0
+    for stem in ("gray", "rgba", "palette", "deep"):
+        assert np.array(Image.open(out / f"{stem}_labels.png")).shape == (60, 90)
+    assert np.array(Image.open(out / "rotated_labels.png")).shape == (90, 60)  # upright
+
+
+def test_methods_lists_every_method(capsys):
+    from zegkit.methods import METHODS
+
+    assert main(["methods"]) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in METHODS) and "pamr" in printed
+
+
+@pytest.mark.parametrize(
+    "classes, fragment",
+    [("dog,,sky", "empty name"), ("dog, Dog", "appears in class 0"), (" , ", "empty name")],
+)
+def test_bad_classes_write_nothing(tiny_clip_dir, photo, tmp_path, capsys, classes, fragment):
+    out = tmp_path / "out"
+    assert _segment(tiny_clip_dir, out, photo, classes=classes) == 2
+    assert fragment in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_files_write_nothing(tiny_clip_dir, photo, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _segment(tiny_clip_dir, out, photo, tmp_path / "missing.png") == 2
+    assert "does not exist" in capsys.readouterr().err
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert _segment(tiny_clip_dir, out, photo, text) == 2
+    assert "not a readable image" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_model_and_method(photo, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _segment(tmp_path / "no-such-model", out, photo) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["segment", str(photo), "--classes", "a,b", "--out", str(out), "--method", "nope"])
+    assert not out.exists()
