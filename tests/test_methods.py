@@ -98,7 +98,8 @@ def test_every_method_runs_without_nan(backbone):
     pixels = torch.randn(1, 3, 224, 224)
     for name in METHODS:
         logits = create_method(name)(backbone, pixels, text)
-        assert logits.shape == (1, 4, 14, 14)  # one row per synonym
+        assert logits.shape[0] == 1 and logits.shape[2:] == (14, 14)
+        assert logits.shape[1] in (3, 4)  # one row per class or per synonym
         assert torch.isfinite(logits).all()
         assert logits.abs().max() <= 1 + 1e-5  # cosine similarities
 

@@ -9,6 +9,7 @@ from dataclasses import fields, replace
 
 from zegkit.methods.base import Method, MethodConfig
 from zegkit.methods.clearclip import ClearCLIP, ClearCLIPConfig
+from zegkit.methods.clsclip import ClsCLIP, ClsCLIPConfig
 from zegkit.methods.maskclip import MaskCLIP, MaskCLIPConfig
 from zegkit.methods.naclip import NACLIP, NACLIPConfig
 from zegkit.methods.naive import Naive, NaiveConfig
@@ -20,6 +21,7 @@ METHODS: dict[str, tuple[type[MethodConfig], type[Method]]] = {
     "sclip": (SCLIPConfig, SCLIP),
     "clearclip": (ClearCLIPConfig, ClearCLIP),
     "naclip": (NACLIPConfig, NACLIP),
+    "clsclip": (ClsCLIPConfig, ClsCLIP),
 }
 
 
