@@ -1,0 +1,386 @@
+"""CLIPer: the early-layer fusion against a direct computation of its formula on a tiny CLIP, and
+the Stable Diffusion self-attention refiner on a tiny random UNet / VAE."""
+
+import logging
+import math
+import sys
+from functools import reduce
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zegkit import diffusion
+from zegkit.backbone import ClipBackbone, load_clip
+from zegkit.diffusion import (
+    DiffusionRefiner,
+    DiffusionRefinerConfig,
+    SelfAttentionRecorder,
+    compensate,
+    propagation_matrices,
+)
+from zegkit.methods import cliper as cliper_module
+from zegkit.methods.cliper import CLIPer, CLIPerConfig
+
+TOL = 1e-5
+
+
+class Text:
+    """The part of TextEmbeddings a method reads."""
+
+    def __init__(self, rows):
+        self.embeddings = rows
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_clip_dir):
+    return load_clip(str(tiny_clip_dir))
+
+
+@pytest.fixture(scope="module")
+def text(backbone):
+    torch.manual_seed(3)
+    return Text(F.normalize(torch.randn(5, backbone.embed_dim), dim=-1))
+
+
+# ---- the fusion, written out from transformers' modules ------------------------------------------
+def _heads(x, linear, heads):
+    batch, tokens, width = x.shape
+    return linear(x).view(batch, tokens, heads, width // heads).transpose(1, 2)
+
+
+def _direct_fusion(backbone, pixels, early_input="residual"):
+    """(N, B, h*w, D) normalised outputs and the normalised fused attention (B, heads, T, T)."""
+    vision = backbone.model.vision_model
+    heads = backbone.num_heads
+    with torch.no_grad():
+        hidden = vision(
+            pixel_values=pixels, interpolate_pos_encoding=True, output_hidden_states=True
+        ).hidden_states  # F^0 .. F^N
+    layers = vision.encoder.layers
+    n_layers = len(layers)
+    maps = []
+    for n in range(n_layers - 1):  # every early layer: CLIP's own q-k attention on LN1(F^n)
+        y = layers[n].layer_norm1(hidden[n])
+        q, k = (
+            _heads(y, layers[n].self_attn.q_proj, heads),
+            _heads(y, layers[n].self_attn.k_proj, heads),
+        )
+        maps.append((q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1))
+    a = torch.stack(maps).mean(0)
+    a = a / a.sum(dim=2, keepdim=True)  # columns sum to 1
+    a = a / a.sum(dim=3, keepdim=True)  # rows sum to 1
+    a = 0.5 * (a + a.transpose(2, 3))
+    a = torch.relu(a - a.mean(dim=2, keepdim=True))
+    a = a / a.sum(dim=3, keepdim=True)
+    last = layers[-1]
+    outputs = []
+    for n in range(n_layers):
+        x = hidden[n]
+        if early_input == "layer_norm" and n < n_layers - 1:
+            x = layers[n].layer_norm1(x)
+        v = _heads(last.layer_norm1(x), last.self_attn.v_proj, heads)
+        o = last.self_attn.out_proj((a @ v).transpose(1, 2).reshape(x.shape))  # no residual, FFN
+        z = backbone.model.visual_projection(vision.post_layernorm(o[:, 1:]))
+        outputs.append(F.normalize(z, dim=-1))
+    return torch.stack(outputs), a
+
+
+def _direct_coarse(backbone, pixels, rows, scale=100.0, layer=-1, threshold=0.2, **kwargs):
+    z, a = _direct_fusion(backbone, pixels, **kwargs)
+    maps = (scale * z @ rows.T).softmax(-1)  # (N, B, h*w, Q)
+    coarse = maps.mean(0)
+    if layer is not None:
+        chosen = maps[layer]
+        chosen = chosen * (chosen >= threshold * chosen.max(dim=1, keepdim=True).values)
+        coarse = coarse + a.mean(1)[:, 1:, 1:] @ chosen
+    return coarse
+
+
+@pytest.mark.parametrize("early_input", ["residual", "layer_norm"])
+@pytest.mark.parametrize("layer", [-1, 0, None])
+def test_coarse_map_follows_the_formula(backbone, text, early_input, layer):
+    pixels = torch.randn(2, 3, 160, 224)
+    method = CLIPer(CLIPerConfig(early_input=early_input, propagate_layer=layer))
+    logits = method(backbone, pixels, text)
+    assert logits.shape == (2, 5, 10, 14)
+    expected = _direct_coarse(
+        backbone, pixels, text.embeddings, layer=layer, early_input=early_input
+    )
+    expected = expected.transpose(1, 2).reshape(2, 5, 10, 14)
+    assert (logits - expected.log() / 100.0).abs().max() <= TOL
+    # the shared decision softmax(s · logits) gives back the coarse map, renormalised
+    probabilities = (100.0 * logits).softmax(1)
+    assert torch.allclose(probabilities, expected / expected.sum(1, keepdim=True), atol=1e-4)
+
+
+def test_fused_attention_and_dense_features(backbone):
+    pixels = torch.randn(1, 3, 224, 224)
+    method = CLIPer(CLIPerConfig())
+    features, attention = method.fused_features(backbone, pixels)
+    z, a = _direct_fusion(backbone, pixels)
+    assert (attention - a).abs().max() <= TOL
+    assert (features - z).abs().max() <= TOL
+    assert torch.allclose(attention.sum(-1), torch.ones(attention.shape[:-1]), atol=1e-5)
+    assert (attention >= 0).all()
+    dense = method.dense_features(backbone, pixels)
+    expected = F.normalize(z.mean(0), dim=-1).transpose(1, 2).reshape(1, -1, 14, 14)
+    assert dense.shape == (1, backbone.embed_dim, 14, 14)
+    assert (dense - expected).abs().max() <= TOL
+
+
+def test_outputs_are_finite_and_in_cosine_range(backbone, text):
+    method = CLIPer(CLIPerConfig(normalize_attention=False))
+    logits = method(backbone, torch.randn(1, 3, 224, 176), text)
+    assert logits.shape == (1, 5, 14, 11)
+    assert torch.isfinite(logits).all()
+    assert logits.abs().max() <= 1 + 1e-5
+    assert not list(method.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = method(backbone, torch.randn(1, 3, 224, 176), text)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_config_errors_list_the_choices(backbone, text, tiny_tokenizer):
+    with pytest.raises(ValueError, match="residual"):
+        CLIPerConfig(early_input="norm")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        CLIPerConfig(propagate_threshold=1.5)
+    with pytest.raises(ValueError, match="propagate_layer=7"):
+        CLIPer(CLIPerConfig(propagate_layer=7))(backbone, torch.randn(1, 3, 224, 224), text)
+    from conftest import make_tiny_clip
+
+    single = ClipBackbone(make_tiny_clip(16, layers=1), tiny_tokenizer, "one-layer")
+    with pytest.raises(ValueError, match="1 layer"):
+        CLIPer(CLIPerConfig()).dense_features(single, torch.randn(1, 3, 224, 224))
+
+
+# ---- the diffusion refiner on tiny random diffusers models ---------------------------------------
+# `diffusers` is optional (zegkit[diffusion]); without it only the tests below that need it skip.
+requires_diffusers = pytest.mark.skipif(
+    not diffusion.diffusers_available(), reason="needs the optional dependency diffusers"
+)
+
+# up_blocks[1] works on the full 16 x 16 latent grid of a 32 x 32 image (the VAE halves it).
+TINY_LAYERS = (
+    "up_blocks.1.attentions.1.transformer_blocks.0.attn1",
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn1",
+)
+TINY_HEADS, TINY_GRID = 4, 16
+
+
+def _tiny_unet():
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=TINY_HEADS,
+        norm_num_groups=4,
+    ).eval()
+
+
+def _tiny_vae():
+    import diffusers
+
+    torch.manual_seed(1)
+    return diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()
+
+
+def _config(**overrides):
+    return DiffusionRefinerConfig(**{"layers": TINY_LAYERS, "image_size": 32, **overrides})
+
+
+@pytest.fixture(scope="module")
+def refiner():
+    import diffusers
+
+    torch.manual_seed(2)
+    prompt = torch.randn(1, 7, 32)
+    return DiffusionRefiner(
+        _tiny_unet(), _tiny_vae(), diffusers.DDPMScheduler().alphas_cumprod, prompt, _config()
+    )
+
+
+@requires_diffusers
+def test_recorder_keeps_the_unet_output_and_records_probabilities():
+    unet = _tiny_unet()
+    torch.manual_seed(4)
+    sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        reference = unet(sample, 10, encoder_hidden_states=context).sample
+        store = {}
+        processors = dict(unet.attn_processors)
+        processors[f"{TINY_LAYERS[0]}.processor"] = SelfAttentionRecorder("a", store)
+        unet.set_attn_processor(processors)
+        recorded = unet(sample, 10, encoder_hidden_states=context).sample
+    assert (recorded - reference).abs().max() <= 1e-5
+    assert store["a"].shape == (2, TINY_HEADS, TINY_GRID**2, TINY_GRID**2)
+    assert torch.allclose(store["a"].sum(-1), torch.ones(2, TINY_HEADS, TINY_GRID**2), atol=1e-5)
+
+
+@requires_diffusers
+def test_attention_maps_have_the_latent_grid(refiner):
+    maps = refiner.attention_maps(torch.rand(2, 3, 40, 48))
+    assert len(maps) == 2
+    for layer_maps in maps:
+        assert layer_maps.shape == (2, TINY_HEADS, TINY_GRID**2, TINY_GRID**2)
+        assert torch.allclose(layer_maps.sum(-1), torch.ones(layer_maps.shape[:-1]), atol=1e-5)
+    again = refiner.attention_maps(torch.rand(2, 3, 40, 48))
+    assert not torch.equal(maps[0], again[0])  # another image, other maps
+
+
+def _direct_matrices(maps, threshold):
+    """Each head's map: divided by its column maxima + 1e-5, thresholded, rows normalised."""
+    out = []
+    for layer_maps in maps:
+        for h in range(layer_maps.shape[1]):
+            m = layer_maps[:, h].float()
+            m = m / (m.max(dim=1, keepdim=True).values + 1e-5)
+            m = m * (m >= threshold)
+            out.append(m / (m.sum(dim=2, keepdim=True) + 1e-5))
+    return out
+
+
+@requires_diffusers
+def test_refinement_is_the_product_of_the_maps(refiner):
+    image = torch.rand(1, 3, TINY_GRID, TINY_GRID)  # output grid = latent grid: no resizing
+    scores = torch.rand(1, 3, TINY_GRID, TINY_GRID)
+    maps = refiner.attention_maps(image)
+    matrices = _direct_matrices(maps, 0.2)
+    assert len(matrices) == 2 * TINY_HEADS
+    product = reduce(torch.matmul, matrices)  # M_1 M_2 ... M_m, (1, n, n)
+    expected = (product @ scores.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(scores.shape)
+    refined = refiner(image, scores)
+    assert refined.shape == scores.shape
+    assert (refined - expected).abs().max() <= 1e-5
+    ours = propagation_matrices(maps, 0.2)
+    assert all((a - b).abs().max() <= 1e-6 for a, b in zip(ours, matrices, strict=True))
+    mean = compensate(ours, scores, "mean")
+    expected_mean = torch.stack(matrices).mean(0) @ scores.flatten(2).transpose(1, 2)
+    assert (mean - expected_mean.transpose(1, 2).reshape(scores.shape)).abs().max() <= 1e-5
+
+
+@requires_diffusers
+def test_refinement_of_logits_returns_logits(refiner):
+    image = torch.rand(1, 3, TINY_GRID, TINY_GRID)
+    logits = torch.randn(1, 4, 5, 5) * 0.1
+    out = refiner(image, logits, logit_scale=50.0)
+    assert out.shape == (1, 4, TINY_GRID, TINY_GRID)
+    probabilities = refiner(image, (50.0 * logits).softmax(1))
+    assert torch.allclose(
+        (50.0 * out).softmax(1), probabilities / probabilities.sum(1, True), atol=1e-5
+    )
+
+
+@requires_diffusers
+def test_refiner_input_errors(refiner):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        refiner(torch.randn(1, 3, 16, 16) * 2, torch.rand(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="batch"):
+        refiner(torch.rand(3, 16, 16), torch.rand(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="attn2"):  # a cross-attention layer: valid ones listed
+        DiffusionRefiner(
+            _tiny_unet(),
+            _tiny_vae(),
+            torch.linspace(0.99, 0.01, 1000),
+            torch.zeros(1, 7, 32),
+            _config(layers=("up_blocks.1.attentions.0.transformer_blocks.0.attn2",)),
+        )
+    with pytest.raises(ValueError, match="aggregation"):
+        _config(aggregation="selection")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny components saved in diffusers' layout, as a downloaded SD model would be."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    _tiny_unet().save_pretrained(path / "unet")
+    _tiny_vae().save_pretrained(path / "vae")
+    diffusers.DDPMScheduler().save_pretrained(path / "scheduler")
+    torch.manual_seed(5)
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=400,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).save_pretrained(path / "text_encoder")
+    tiny_tokenizer.save_pretrained(path / "tokenizer")
+    return path
+
+
+@requires_diffusers
+def test_from_pretrained_loads_a_local_model(tiny_sd_dir):
+    refiner = DiffusionRefiner.from_pretrained(_config(model=str(tiny_sd_dir)))
+    assert refiner.prompt_embeds.shape == (1, 77, 32)
+    image, scores = torch.rand(1, 3, 24, 24), torch.rand(1, 2, 6, 6)
+    first, second = refiner(image, scores), refiner(image, scores)
+    assert first.shape == (1, 2, 24, 24)
+    assert torch.equal(first, second)  # seeded noise: reproducible
+
+
+@requires_diffusers
+def test_from_pretrained_errors_name_what_to_download(tmp_path, tiny_sd_dir, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DiffusionRefiner.from_pretrained(_config(model=str(tmp_path / "missing")))
+    (tmp_path / "partial" / "unet").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="vae"):
+        DiffusionRefiner.from_pretrained(_config(model=str(tmp_path / "partial")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(RuntimeError, match="hf download zegkit-test/no-such-sd"):
+        DiffusionRefiner.from_pretrained(_config(model="zegkit-test/no-such-sd"))
+
+
+@requires_diffusers
+def test_cliper_builds_the_refiner_and_both_compose(backbone, text, tiny_sd_dir):
+    method = CLIPer(CLIPerConfig(diffusion_model=str(tiny_sd_dir)))
+    refiner = method.build_refiner(layers=TINY_LAYERS, image_size=32)
+    assert isinstance(refiner, DiffusionRefiner)
+    image = torch.rand(1, 3, 224, 224)
+    coarse = method.coarse_map(backbone, backbone.normalize(image), text.embeddings)
+    refined = refiner(image, coarse)
+    assert refined.shape == (1, 5, 224, 224)
+    assert torch.isfinite(refined).all()
+    assert CLIPer(CLIPerConfig(diffusion_model=None)).build_refiner() is None
+    assert cliper_module.DEFAULT_DIFFUSION_MODEL == diffusion.SD_MODEL  # one default, two names
+
+
+def test_without_diffusers_cliper_runs_fusion_only(monkeypatch, caplog, backbone, text):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now fails
+    monkeypatch.setattr(cliper_module, "_warned_fusion_only", False)
+    assert not diffusion.diffusers_available()
+    method = CLIPer(CLIPerConfig())
+    with caplog.at_level(logging.WARNING):
+        assert method.build_refiner() is None
+        assert method.build_refiner() is None
+    messages = [r.getMessage() for r in caplog.records if "fusion-only" in r.getMessage()]
+    assert len(messages) == 1 and "zegkit[diffusion]" in messages[0]
+    assert torch.isfinite(method(backbone, torch.randn(1, 3, 224, 224), text)).all()
+    with pytest.raises(RuntimeError, match=r"zegkit\[diffusion\]"):
+        DiffusionRefiner.from_pretrained(_config())
