@@ -89,9 +89,9 @@ class Protocol:
     source: str = ""
 
     def inference_overrides(self) -> dict[str, object]:
-        """The InferenceConfig fields this protocol sets (None values left to the defaults)."""
-        values = {name: getattr(self, name) for name in INFERENCE_FIELDS}
-        return {name: value for name, value in values.items() if value is not None}
+        """The InferenceConfig fields this protocol sets, None included: short_side None keeps
+        the input size, logit_scale None uses the method's, background_threshold None is off."""
+        return {name: getattr(self, name) for name in INFERENCE_FIELDS}
 
     def split_indices(
         self, class_names: Sequence[str]
