@@ -16,6 +16,7 @@ from zegkit.evaluate import (
     format_table,
     harmonic_mean,
     metrics,
+    run_eval,
     run_eval_all,
     save_results,
 )
@@ -231,3 +232,16 @@ def test_every_method_in_one_table(tmp_path, tiny_clip_dir):
     saved = json.loads((tmp_path / "all.json").read_text())
     assert set(saved["results"]) == {"naive", "sclip"}
     assert saved["settings"]["dataset"] == "synthetic"
+
+
+def test_run_eval_saves_json_and_checks_the_protocol(tmp_path, tiny_clip_dir):
+    root = write_colour_dataset(tmp_path / "c", num=2, size=(16, 16))
+    result = run_eval("synthetic", root, method="naive", model=tiny_clip_dir, progress=False,
+                      num_workers=0, crop=32, stride=32, output=tmp_path / "r.json")
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["confusion"] == result["confusion"] and saved["settings"]["method"] == "naive"
+    assert saved["settings"]["split"] == "val"
+    with pytest.raises(ValueError, match="is for dataset 'voc21'"):
+        run_eval("synthetic", root, method="naive", model=tiny_clip_dir, protocol="sclip-voc21")
+    with pytest.raises(ValueError, match="Unknown methods"):
+        run_eval_all("synthetic", root, methods=["nope"])

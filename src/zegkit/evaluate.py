@@ -42,6 +42,8 @@ PERCENT = 100.0
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint contents change meaning
 SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mIoU(S)", "mIoU(U)", "hIoU")
+# What building a method's segmenter raises when the method cannot run here (run_eval_all).
+BUILD_ERRORS = (FileNotFoundError, ImportError, RuntimeError, ValueError)
 # Settings that may differ between a run and its resumption (not part of the fingerprint).
 VOLATILE_SETTINGS = ("timestamp", "zegkit_version", "checkpoint", "num_workers", "progress")
 
@@ -710,8 +712,9 @@ def run_eval_all(
 ) -> dict[str, dict]:
     """`zegkit eval --method all`: every method (default: all of zegkit.methods.METHODS).
 
-    A method that cannot be built (e.g. a trained method without its weights) is recorded as
-    {"error": message} and the others still run. Print the outcome with `format_comparison`.
+    A method that cannot be built (weights not downloaded, an optional dependency missing, a
+    shared override it does not have) is recorded as {"error": message} and the others still
+    run; errors while evaluating are not caught. Print the outcome with `format_comparison`.
 
     Args:
         dataset, data_root, split: as in `run_eval`.
@@ -727,17 +730,21 @@ def run_eval_all(
     from zegkit.methods import METHODS
 
     names = list(METHODS) if methods is None else list(methods)
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; available: {sorted(METHODS)}.")
     context = init_distributed(kwargs.pop("device", None))
     data = load_dataset(dataset, data_root, split)
-    results: dict[str, dict] = {}
     run_keys = ("progress", "checkpoint_every", "num_workers", "limit")
     run_args = {key: kwargs.pop(key) for key in run_keys if key in kwargs}
     model = kwargs.pop("model", DEFAULT_MODEL)
     protocol = kwargs.pop("protocol", None)
+    _protocol_for(data, protocol)  # a wrong protocol fails once, before any method runs
+    results: dict[str, dict] = {}
     for name in names:
         try:
             prepared = _prepare(data, name, model, protocol, context.device, kwargs)
-        except (FileNotFoundError, ImportError) as error:  # e.g. trained weights not there
+        except BUILD_ERRORS as error:  # e.g. weights not downloaded, a setting it lacks
             results[name] = {"error": f"{type(error).__name__}: {error}"}
             continue
         results[name] = _evaluate_prepared(
