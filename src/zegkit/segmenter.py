@@ -104,6 +104,7 @@ class Segmenter:
         self.config = config or InferenceConfig()
         self.templates = templates
         self.refiner = create_refiner(self.config.refine)
+        self.method_refiner = self.method.build_refiner(backbone.device)
         self.text: TextEmbeddings | None = None
         self._vocabularies: dict[tuple, TextEmbeddings] = {}
 
@@ -148,8 +149,13 @@ class Segmenter:
         size = resized_size(height, width, self.config.short_side)
         pixels = self.backbone.normalize(resize(images, size))
         logits = self._stitched_logits(pixels, text)
-        logits = self.refiner(self.backbone.normalize(images), resize(logits, (height, width)))
-        return class_probabilities(logits, text.class_index, text.num_classes, self.logit_scale)
+        logits = self.refiner(images, resize(logits, (height, width)))
+        probabilities = class_probabilities(
+            logits, text.class_index, text.num_classes, self.logit_scale
+        )
+        if self.method_refiner is not None:
+            probabilities = self.method_refiner(images, probabilities)
+        return probabilities
 
     def _stitched_logits(self, pixels: Tensor, text: TextEmbeddings) -> Tensor:
         """Cosine logits (B, Q, h, w) over the resized image, by the configured mode."""

@@ -204,12 +204,34 @@ class ClipBackbone(nn.Module):
             mixed = weights @ v
         else:
             mixed = surgery.attend(q, k, v, grid)
-        mixed = mixed.transpose(1, 2).reshape(x.shape)  # (B, T, heads*d)
-        out = layer.self_attn.out_proj(mixed)
+        out = self._merge_heads(index, mixed)
         x = x + out if surgery.residual else out
         if surgery.ffn:
             x = x + layer.mlp(layer.layer_norm2(x))
         return x, weights
+
+    def attention_branch(self, index: int, x: Tensor, weights: Tensor) -> Tensor:
+        """Layer `index`'s attention branch with given attention weights: out_proj(weights · v).
+
+        For methods that build the attention themselves (e.g. CLIPer's fused early attention);
+        no residual and no feed-forward path.
+
+        Args:
+            index: the layer whose values and output projection are used.
+            x: input tokens (..., B, T, C); leading dimensions share `weights`.
+            weights: attention (B, heads, T, T).
+
+        Returns:
+            (..., B, T, C).
+        """
+        _, _, v = self.qkv(index, x.reshape(-1, *x.shape[-2:]))  # (lead*B, heads, T, d)
+        v = v.reshape(*x.shape[:-2], *v.shape[1:])  # (..., B, heads, T, d)
+        return self._merge_heads(index, weights.to(v.dtype) @ v)
+
+    def _merge_heads(self, index: int, mixed: Tensor) -> Tensor:
+        """Concatenate per-head outputs (..., heads, T, d) and apply layer `index`'s out_proj."""
+        mixed = mixed.transpose(-3, -2).flatten(-2)  # (..., T, heads*d)
+        return self.layers[index].self_attn.out_proj(mixed)
 
     def forward_intermediates(
         self,

@@ -9,6 +9,7 @@ from dataclasses import fields, replace
 
 from zegkit.methods.base import Method, MethodConfig
 from zegkit.methods.clearclip import ClearCLIP, ClearCLIPConfig
+from zegkit.methods.cliper import CLIPer, CLIPerConfig
 from zegkit.methods.clsclip import ClsCLIP, ClsCLIPConfig
 from zegkit.methods.maskclip import MaskCLIP, MaskCLIPConfig
 from zegkit.methods.naclip import NACLIP, NACLIPConfig
@@ -21,6 +22,7 @@ METHODS: dict[str, tuple[type[MethodConfig], type[Method]]] = {
     "sclip": (SCLIPConfig, SCLIP),
     "clearclip": (ClearCLIPConfig, ClearCLIP),
     "naclip": (NACLIPConfig, NACLIP),
+    "cliper": (CLIPerConfig, CLIPer),
     "clsclip": (ClsCLIPConfig, ClsCLIP),
 }
 

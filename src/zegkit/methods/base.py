@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -63,6 +64,11 @@ class Method(nn.Module):
     def forward(self, backbone: ClipBackbone, pixels: Tensor, text: TextEmbeddings) -> Tensor:
         """Cosine logits (B, Q, h, w) of crops `pixels` (B, 3, H, W) against the text rows."""
         return cosine_logits(self.dense_features(backbone, pixels), text.classifier)
+
+    def build_refiner(self, device: str | torch.device = "cpu") -> nn.Module | None:
+        """A refinement step the method itself prescribes, applied to the class probabilities
+        of whole images as `refiner(images in [0, 1], probabilities)`; None when it has none."""
+        return None
 
 
 class LastBlockMethod(Method):

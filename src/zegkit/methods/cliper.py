@@ -116,25 +116,6 @@ def normalize_fused_attention(attention: Tensor) -> Tensor:
     return attention / attention.sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS)
 
 
-def attend_with(backbone: ClipBackbone, index: int, x: Tensor, weights: Tensor) -> Tensor:
-    """Layer `index` mixing its values with the given attention, without residual and FFN.
-
-    Args:
-        backbone: the CLIP backbone.
-        index: the layer.
-        x: input tokens (..., B, T, C); leading dimensions share `weights`.
-        weights: attention (B, heads, T, T).
-
-    Returns:
-        out_proj(weights · v) (..., B, T, C), v the layer's values of layer_norm1(x).
-    """
-    lead = x.shape[:-3]
-    _, _, v = backbone.qkv(index, x.reshape(-1, *x.shape[-2:]))  # (lead*B, heads, T, d)
-    v = v.reshape(*lead, *weights.shape[:2], *v.shape[-2:])  # (..., B, heads, T, d)
-    mixed = (weights.to(v.dtype) @ v).transpose(-3, -2)  # (..., B, T, heads, d)
-    return backbone.layers[index].self_attn.out_proj(mixed.reshape(x.shape))
-
-
 class CLIPer(Method):
     """Early-layer fusion of CLIPer (see the module docstring); no parameters."""
 
@@ -170,7 +151,7 @@ class CLIPer(Method):
         if self.config.normalize_attention:
             attention = normalize_fused_attention(attention)
         inputs = self._early_inputs(backbone, pixels, out)  # (N, B, T, C)
-        tokens = attend_with(backbone, layers - 1, inputs, attention)
+        tokens = backbone.attention_branch(layers - 1, inputs, attention)
         features = F.normalize(backbone.project(tokens[..., 1:, :]), dim=-1)
         return features, attention
 
