@@ -25,8 +25,11 @@ def parse_class_list(text: str) -> list[str]:
     return [entry.strip() for entry in text.split(",")]
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags that choose the method, the CLIP weights and the inference protocol."""
+def add_model_arguments(parser: argparse.ArgumentParser, *, allow_all: bool = False) -> None:
+    """Flags that choose the method, the CLIP weights and the inference protocol.
+
+    With allow_all, --method also accepts "all" (every method, one after the other).
+    """
     from zegkit.backbone import DEFAULT_MODEL
     from zegkit.methods import METHODS
     from zegkit.refine import REFINERS
@@ -35,7 +38,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--method",
         default="sclip",
-        choices=sorted(METHODS),
+        choices=[*sorted(METHODS), *(["all"] if allow_all else [])],
         help="segmentation method (default: sclip)",
     )
     group.add_argument(
@@ -196,6 +199,89 @@ def run_segment(args: argparse.Namespace) -> None:
     print(f"Segmented {len(images)} image(s) into {args.out}")
 
 
+# ---- eval -----------------------------------------------------------------------------------
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from zegkit.data.datasets import DATASETS
+
+    parser.add_argument(
+        "--dataset", required=True, choices=sorted(DATASETS), help="benchmark layout to read"
+    )
+    parser.add_argument("--data-root", type=Path, required=True, help="the dataset's root folder")
+    parser.add_argument("--split", default="val", help="dataset split (default: val)")
+    parser.add_argument(
+        "--protocol",
+        default=None,
+        help="named evaluation protocol (default: the dataset's; see zegkit.data.protocols)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="result JSON (default: results/<dataset>_<method>.json)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="progress file; rerunning the same command resumes from it (default: none)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=50,
+        help="images between progress checkpoints (default: 50)",
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=2, help="image-decoding worker processes (default: 2)"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="evaluate only the first N images (default: all)"
+    )
+    add_model_arguments(parser, allow_all=True)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from zegkit.evaluate import (
+        format_comparison,
+        format_table,
+        init_distributed,
+        run_eval,
+        run_eval_all,
+    )
+
+    context = init_distributed(args.device)
+    output = args.output or Path("results") / f"{args.dataset}_{args.method}.json"
+    common = dict(
+        model=args.model,
+        protocol=args.protocol,
+        split=args.split,
+        output=output,
+        checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every,
+        num_workers=args.num_workers,
+        limit=args.limit,
+        progress=context.is_main,
+        precision=args.precision,
+        mode=args.mode,
+        short_side=args.short_side,
+        crop=args.crop,
+        stride=args.stride,
+        crop_batch=args.crop_batch,
+        logit_scale=args.logit_scale,
+        background_threshold=args.background_threshold,
+        refine=args.refine,
+        templates=args.templates,
+    )
+    if args.method == "all":
+        results = run_eval_all(args.dataset, args.data_root, **common)
+        report = format_comparison(results)
+    else:
+        report = format_table(run_eval(args.dataset, args.data_root, method=args.method, **common))
+    if context.is_main:
+        print(report)
+        print(f"Saved {output}")
+
+
 # ---- methods --------------------------------------------------------------------------------
 def run_methods(args: argparse.Namespace) -> None:
     from zegkit.methods import list_methods
@@ -214,6 +300,11 @@ def run_methods(args: argparse.Namespace) -> None:
 Command = tuple[str, Callable[[argparse.ArgumentParser], None] | None, Callable]
 COMMANDS: dict[str, Command] = {
     "segment": ("segment images with any class names", add_segment_arguments, run_segment),
+    "eval": (
+        "evaluate methods on a benchmark (mIoU; seen/unseen/harmonic)",
+        add_eval_arguments,
+        run_eval,
+    ),
     "methods": ("list the segmentation methods and refiners", None, run_methods),
 }
 
