@@ -112,3 +112,60 @@ def test_bad_model_and_method(photo, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["segment", str(photo), "--classes", "a,b", "--out", str(out), "--method", "nope"])
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    from zegkit.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("synthetic"), 3, seed=7, size=96)
+
+
+def test_eval_one_method_writes_a_table_and_json(tiny_clip_dir, synthetic_root, tmp_path, capsys):
+    output = tmp_path / "result.json"
+    argv = [
+        "eval",
+        "--dataset",
+        "synthetic",
+        "--data-root",
+        str(synthetic_root),
+        "--method",
+        "sclip",
+        "--model",
+        str(tiny_clip_dir),
+        "--output",
+        str(output),
+        "--num-workers",
+        "0",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and "hIoU" in printed
+    result = json.loads(output.read_text())
+    assert result["settings"]["method"] == "sclip"
+    assert 0 <= result["mIoU"] <= 100 and result["num_images"] == 3
+
+
+def test_eval_all_methods_in_one_table(tiny_clip_dir, synthetic_root, tmp_path, capsys):
+    output = tmp_path / "all.json"
+    argv = [
+        "eval",
+        "--dataset",
+        "synthetic",
+        "--data-root",
+        str(synthetic_root),
+        "--method",
+        "all",
+        "--model",
+        str(tiny_clip_dir),
+        "--output",
+        str(output),
+        "--num-workers",
+        "0",
+        "--limit",
+        "1",
+    ]
+    assert main(argv) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert all(name in header for name in ("naive", "maskclip", "sclip", "clearclip", "naclip"))
+    assert set(json.loads(output.read_text())["results"]) >= {"naive", "sclip", "naclip"}
