@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from zegkit import diffusion
 from zegkit.backbone import ClipBackbone, load_clip
 from zegkit.diffusion import (
+    TINY_HEADS,
+    TINY_LAYERS,
     DiffusionRefiner,
     DiffusionRefinerConfig,
     SelfAttentionRecorder,
@@ -161,45 +163,7 @@ requires_diffusers = pytest.mark.skipif(
     not diffusion.diffusers_available(), reason="needs the optional dependency diffusers"
 )
 
-# up_blocks[1] works on the full 16 x 16 latent grid of a 32 x 32 image (the VAE halves it).
-TINY_LAYERS = (
-    "up_blocks.1.attentions.1.transformer_blocks.0.attn1",
-    "up_blocks.1.attentions.0.transformer_blocks.0.attn1",
-)
-TINY_HEADS, TINY_GRID = 4, 16
-
-
-def _tiny_unet():
-    import diffusers
-
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=TINY_HEADS,
-        norm_num_groups=4,
-    ).eval()
-
-
-def _tiny_vae():
-    import diffusers
-
-    torch.manual_seed(1)
-    return diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    ).eval()
+TINY_GRID = 16  # latent grid of a 32 x 32 image under the tiny VAE
 
 
 def _config(**overrides):
@@ -213,13 +177,17 @@ def refiner():
     torch.manual_seed(2)
     prompt = torch.randn(1, 7, 32)
     return DiffusionRefiner(
-        _tiny_unet(), _tiny_vae(), diffusers.DDPMScheduler().alphas_cumprod, prompt, _config()
+        diffusion.tiny_unet(),
+        diffusion.tiny_vae(),
+        diffusers.DDPMScheduler().alphas_cumprod,
+        prompt,
+        _config(),
     )
 
 
 @requires_diffusers
 def test_recorder_keeps_the_unet_output_and_records_probabilities():
-    unet = _tiny_unet()
+    unet = diffusion.tiny_unet()
     torch.manual_seed(4)
     sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
     with torch.no_grad():
@@ -296,8 +264,8 @@ def test_refiner_input_errors(refiner):
         refiner(torch.rand(3, 16, 16), torch.rand(1, 2, 4, 4))
     with pytest.raises(ValueError, match="attn2"):  # a cross-attention layer: valid ones listed
         DiffusionRefiner(
-            _tiny_unet(),
-            _tiny_vae(),
+            diffusion.tiny_unet(),
+            diffusion.tiny_vae(),
             torch.linspace(0.99, 0.01, 1000),
             torch.zeros(1, 7, 32),
             _config(layers=("up_blocks.1.attentions.0.transformer_blocks.0.attn2",)),
@@ -309,29 +277,7 @@ def test_refiner_input_errors(refiner):
 @pytest.fixture(scope="module")
 def tiny_sd_dir(tmp_path_factory, tiny_tokenizer):
     """The tiny components saved in diffusers' layout, as a downloaded SD model would be."""
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    path = tmp_path_factory.mktemp("tiny-sd")
-    _tiny_unet().save_pretrained(path / "unet")
-    _tiny_vae().save_pretrained(path / "vae")
-    diffusers.DDPMScheduler().save_pretrained(path / "scheduler")
-    torch.manual_seed(5)
-    CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=400,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    ).save_pretrained(path / "text_encoder")
-    tiny_tokenizer.save_pretrained(path / "tokenizer")
-    return path
+    return diffusion.save_tiny_random_pipeline(tmp_path_factory.mktemp("tiny-sd"), tiny_tokenizer)
 
 
 @requires_diffusers
