@@ -313,7 +313,7 @@ def test_cliper_builds_the_refiner_and_both_compose(backbone, text, tiny_sd_dir)
     refined = refiner(image, coarse)
     assert refined.shape == (1, 5, 224, 224)
     assert torch.isfinite(refined).all()
-    assert CLIPer(CLIPerConfig(diffusion_model=None)).build_refiner() is None
+    assert CLIPer(CLIPerConfig(compensation=False)).build_refiner() is None
     assert cliper_module.DEFAULT_DIFFUSION_MODEL == diffusion.SD_MODEL  # one default, two names
 
 

@@ -76,9 +76,10 @@ class CLIPerConfig(MethodConfig):
             -1 for ViT-B/16, -2 for ViT-L/14); None keeps the plain average.
         propagate_threshold: values of that map below this fraction of its class maximum are
             zeroed before propagation (code `attention_thr`, 0.2 for most ViT-B/16 datasets).
+        compensation: apply the fine-grained compensation built by `build_refiner` (paper: on);
+            False runs fusion-only.
         diffusion_model: Stable Diffusion weights (hub id or local diffusers directory) for the
-            fine-grained compensation built by `build_refiner`; None runs fusion-only (the paper's
-            default is SD 2.1 base).
+            compensation (the paper's: SD 2.1 base).
     """
 
     logit_scale: float = CLIPER_LOGIT_SCALE
@@ -86,7 +87,8 @@ class CLIPerConfig(MethodConfig):
     normalize_attention: bool = True
     propagate_layer: int | None = -1
     propagate_threshold: float = PROPAGATE_THRESHOLD
-    diffusion_model: str | None = DEFAULT_DIFFUSION_MODEL
+    compensation: bool = True
+    diffusion_model: str = DEFAULT_DIFFUSION_MODEL
 
     def __post_init__(self) -> None:
         if self.early_input not in EARLY_INPUTS:
@@ -230,7 +232,7 @@ class CLIPer(Method):
             dtype: their weight dtype (float16 on GPUs, as the code runs).
             **refiner_overrides: fields of `DiffusionRefinerConfig` (e.g. threshold, layers).
 
-        Returns None when `diffusion_model` is None, or when `diffusers` is not installed (then a
+        Returns None when `compensation` is off, or when `diffusers` is not installed (then a
         warning says once that CLIPer runs fusion-only and how to install the extra).
 
         Raises:
@@ -239,7 +241,7 @@ class CLIPer(Method):
         """
         from zegkit import diffusion
 
-        if self.config.diffusion_model is None:
+        if not self.config.compensation:
             return None
         if not diffusion.diffusers_available():
             _warn_fusion_only()
