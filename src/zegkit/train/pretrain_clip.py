@@ -1,0 +1,736 @@
+"""Pretrain the tiny CLIP of the synthetic proving ground, from scratch, on CPU.
+
+A small `transformers` CLIP (ViT with 16-pixel patches at 224 pixels, so sliding-window inference
+with 224-pixel crops behaves as with ViT-B/16) and its own byte-level BPE tokenizer are trained with
+CLIP's symmetric contrastive loss on (scene, caption) pairs streamed from
+`zegkit.data.synthetic` over ALL classes (as OpenAI's CLIP saw every class of the zero-shot
+benchmarks during pretraining). Scenes are generated on the fly by a DataLoader worker; sample `i`
+is `generate_scene(np.random.default_rng([TRAIN_STREAM, seed, i]))`, so the stream needs no state
+to resume. Most steps run at a lower resolution (position embeddings interpolated) because a step
+there is about 4x cheaper; the last ones run at the native 224.
+
+    OMP_WAIT_POLICY=PASSIVE python -m zegkit.train.pretrain_clip --out runs/tiny-synthetic \
+        --steps 600 --batch-size 96 --lr 1e-3 --low-res 112 --low-res-fraction 0.85
+
+(OMP_WAIT_POLICY=PASSIVE stops OpenMP threads from spinning: on a CPU shared with other jobs,
+spinning made each step several times slower.)
+
+A killed run resumes from `<out>/checkpoint.pt` when started again with the same arguments. The
+result loads with `CLIPModel.from_pretrained(out)` and `CLIPTokenizer.from_pretrained(out)`;
+`MODEL_CARD.md` and `metrics.json` record how it was made and how well it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import pre_tokenizers
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+from zegkit.backbone.tokenizer import BOS, EOS, check_tokenizer
+from zegkit.data import synthetic
+
+# OpenAI CLIP's pixel normalisation (openai/CLIP clip/clip.py `_transform`), kept so that the tiny
+# model is preprocessed exactly like the real ones.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The 80 prompt templates of OpenAI CLIP's ImageNet zero-shot evaluation
+# (openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb). Captions are sometimes wrapped in
+# them during pretraining so that their words get trained embeddings.
+IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
+    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
+    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.",
+    "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
+    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.",
+    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
+    "a painting of the {}.", "a painting of a {}.", "a pixelated photo of the {}.",
+    "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
+    "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.",
+    "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.", "the {} in a video game.",
+    "a sketch of a {}.", "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.",
+    "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.", "a photo of a large {}.",
+    "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.",
+    "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
+    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
+    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+)
+# Seed-sequence prefixes that keep the scene streams apart (and apart from `write_dataset`'s
+# two-element `[seed, i]`).
+TRAIN_STREAM, EVAL_STREAM, TOKENIZER_STREAM = 7, 8, 9
+CHECKPOINT = "checkpoint.pt"
+END_OF_WORD = "</w>"  # CLIP's BPE end-of-word marker
+MIN_VOCAB = 2 + 2 * 256  # BOS, EOS, 256 byte symbols, the same 256 with END_OF_WORD
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its learned temperature at 100
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that determines the trained model (saved in the checkpoint and model card)."""
+
+    steps: int = 1200
+    batch_size: int = 128
+    seed: int = 0
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup: float = 0.05  # fraction of steps of linear warm-up before the cosine decay
+    image_size: int = 224  # native resolution (position-embedding grid 14x14 with patch 16)
+    patch_size: int = 16
+    low_res: int = 128  # resolution of the first phase; 0 = train at image_size throughout
+    low_res_fraction: float = 0.8  # fraction of steps run at low_res
+    zoom_min: float = 0.8  # scene zoom drawn log-uniformly in [zoom_min, zoom_max]: things as
+    zoom_max: float = 2.0  # seen in whole scenes and in the 2x-magnified sliding-window crops
+    template_prob: float = 0.25  # P(caption = an ImageNet template around the class names)
+    width: int = 192  # vision tower (DeiT-Tiny's width and heads)
+    layers: int = 6
+    heads: int = 3
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    embed_dim: int = 128  # joint image-text space
+    context_length: int = 77  # CLIP's
+    vocab_size: int = 1024  # target size of the BPE vocabulary (may end smaller)
+    tokenizer_scenes: int = 2000  # scenes whose captions train the tokenizer
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast; slower than fp32 on CPUs without bf16)
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 2:
+            raise ValueError(
+                f"steps must be >= 1 and batch_size >= 2 (the contrastive loss needs negatives), "
+                f"got steps={self.steps}, batch_size={self.batch_size}."
+            )
+        if self.image_size % self.patch_size or (self.low_res and self.low_res % self.patch_size):
+            raise ValueError(
+                f"image_size ({self.image_size}) and low_res ({self.low_res}) must be multiples "
+                f"of patch_size ({self.patch_size})."
+            )
+        if self.vocab_size <= MIN_VOCAB:
+            raise ValueError(
+                f"vocab_size must exceed {MIN_VOCAB} (BOS, EOS and the 512 byte symbols with and "
+                f"without </w>) to leave room for merges, got {self.vocab_size}."
+            )
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}.")
+        if not 0 < self.zoom_min <= self.zoom_max:
+            raise ValueError(
+                f"Need 0 < zoom_min <= zoom_max, got {self.zoom_min} and {self.zoom_max}."
+            )
+
+    def resolution(self, step: int) -> int:
+        """Training resolution of `step` (0-based)."""
+        low_steps = int(self.steps * self.low_res_fraction) if self.low_res else 0
+        return self.low_res if step < low_steps else self.image_size
+
+
+# --- model and tokenizer ------------------------------------------------------------------------
+def model_config(cfg: PretrainConfig, vocab_size: int) -> CLIPConfig:
+    """The tiny CLIP's `transformers` config; BOS/EOS ids match `train_clip_tokenizer` (0/1)."""
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+            num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+            max_position_embeddings=cfg.context_length, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=cfg.width, intermediate_size=4 * cfg.width, num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        ),
+        projection_dim=cfg.embed_dim,
+    )
+
+
+def tokenizer_corpus(cfg: PretrainConfig) -> list[str]:
+    """Captions of held-apart scenes, class names, colour words and the templates around them."""
+    texts = []
+    for index in range(cfg.tokenizer_scenes):
+        rng = np.random.default_rng([TOKENIZER_STREAM, cfg.seed, index])
+        texts += synthetic.generate_scene(rng, 64).captions
+    words = list(synthetic.CLASSES) + list(synthetic.COLOURS)
+    texts += [template.format(word) for template in IMAGENET_TEMPLATES for word in words]
+    return texts
+
+
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int,
+                        max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP-format byte-level BPE tokenizer, trained deterministically.
+
+    Same format as OpenAI's (and as `zegkit.backbone.tokenizer.train_clip_tokenizer`): CLIP's
+    normaliser and pre-tokeniser, ids 0/1 = BOS/EOS, then the 256 byte symbols, the same with
+    `</w>`, then one token per merge. Unlike the `tokenizers` trainer, whose ties between equally
+    frequent pairs depend on hash order (two runs give different ids), ties here go to the
+    lexicographically smallest pair, so the same texts always give the same tokenizer.
+    """
+    backend = CLIPTokenizer()._tokenizer
+    counts: dict[str, int] = {}
+    for text in texts:
+        pieces = backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))
+        for word, _ in pieces:
+            counts[word] = counts.get(word, 0) + 1
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = [BOS, EOS, *alphabet, *(symbol + END_OF_WORD for symbol in alphabet)]
+    words = {word: [*word[:-1], word[-1] + END_OF_WORD] for word in sorted(counts)}
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size:
+        pairs: dict[tuple[str, str], int] = {}
+        for word, symbols in words.items():
+            for pair in zip(symbols, symbols[1:], strict=False):
+                pairs[pair] = pairs.get(pair, 0) + counts[word]
+        if not pairs:
+            break  # every word is one token
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.append(best[0] + best[1])
+        for word, symbols in words.items():
+            words[word] = _merge(symbols, best)
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=merges,
+                         model_max_length=max_length)
+
+
+def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
+def build_tokenizer(cfg: PretrainConfig) -> CLIPTokenizer:
+    """The run's tokenizer, a deterministic function of `cfg` (seed, vocab_size, ...)."""
+    tokenizer = train_bpe_tokenizer(tokenizer_corpus(cfg), cfg.vocab_size, cfg.context_length)
+    check_tokenizer(tokenizer, cfg.vocab_size, "the freshly trained tokenizer")
+    return tokenizer
+
+
+def build_model(cfg: PretrainConfig, vocab_size: int) -> CLIPModel:
+    torch.manual_seed(cfg.seed)
+    return CLIPModel(model_config(cfg, vocab_size))
+
+
+# --- data ---------------------------------------------------------------------------------------
+def scene_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 normalised with CLIP's mean and std."""
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def training_sample(cfg: PretrainConfig, index: int, size: int) -> tuple[np.ndarray, str]:
+    """Sample `index` of the training stream: (image, caption)."""
+    rng = np.random.default_rng([TRAIN_STREAM, cfg.seed, index])
+    zoom = float(np.exp(rng.uniform(np.log(cfg.zoom_min), np.log(cfg.zoom_max))))
+    scene = synthetic.generate_scene(rng, size, zoom=zoom)
+    if rng.random() < cfg.template_prob:
+        names = [str(name) for name in rng.permutation(scene.present_classes)]
+        caption = str(rng.choice(IMAGENET_TEMPLATES)).format(synthetic._join(names))
+    else:
+        caption = str(rng.choice(scene.captions))
+    return scene.image, caption
+
+
+class SceneBatches(IterableDataset):
+    """Batches `start, start + 1, ...` of the training stream: (pixels (B,3,H,W), captions).
+
+    With several DataLoader workers, worker k makes the batches b with b % workers == k; the
+    DataLoader takes them round-robin, so the order is the same for any number of workers.
+    """
+
+    def __init__(self, cfg: PretrainConfig, start: int, stop: int):
+        self.cfg, self.start, self.stop = cfg, start, stop
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for batch in range(self.start + worker, self.stop, workers):
+            size = self.cfg.resolution(batch)
+            first = batch * self.cfg.batch_size
+            samples = [training_sample(self.cfg, first + i, size)
+                       for i in range(self.cfg.batch_size)]
+            pixels = torch.stack([scene_to_tensor(image) for image, _ in samples])
+            yield pixels, [caption for _, caption in samples]
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+# --- optimisation -------------------------------------------------------------------------------
+def build_optimizer(model: CLIPModel, cfg: PretrainConfig):
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if param.ndim >= 2 and "embedding" not in name else no_decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,  # CLIP's betas/eps for transformers
+    )
+    warmup = max(1, int(cfg.warmup * cfg.steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def train_step(model: CLIPModel, tokenizer, optimizer, scheduler, pixels: torch.Tensor,
+               captions: list[str], cfg: PretrainConfig) -> float:
+    """One contrastive step; returns the loss."""
+    tokens = tokenizer(captions, padding=True, truncation=True, max_length=cfg.context_length,
+                       return_tensors="pt")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                    pixel_values=pixels, return_loss=True,
+                    interpolate_pos_encoding=pixels.shape[-1] != cfg.image_size)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return out.loss.item()
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, cfg: PretrainConfig,
+                    losses: list[float], elapsed: float) -> None:
+    _atomic_torch_save({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
+        "losses": losses, "elapsed": elapsed, "torch_rng": torch.get_rng_state(),
+    }, path)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, cfg: PretrainConfig):
+    """Restore a checkpoint in place; returns (step, losses, elapsed seconds)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state["config"]
+    changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+               if saved.get(k) != v}
+    if changed:
+        raise ValueError(
+            f"{path} was written by a run with other settings ({changed}, as (saved, now)). "
+            "Resume with the same arguments, or use another --out (or delete the checkpoint) to "
+            "start afresh."
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], list(state["losses"]), float(state["elapsed"])
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def class_text_embeddings(model: CLIPModel, tokenizer, classes: Sequence[str],
+                          templates: Sequence[str] = IMAGENET_TEMPLATES) -> torch.Tensor:
+    """(K, D) L2-normalised class embeddings, averaged over `templates`."""
+    embeddings = []
+    for name in classes:
+        tokens = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
+        features = model.get_text_features(**tokens).pooler_output
+        embeddings.append(F.normalize(F.normalize(features, dim=-1).mean(0), dim=-1))
+    return torch.stack(embeddings)
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U), NaN when a label is constant."""
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = np.empty(len(scores))
+    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+@torch.no_grad()
+def evaluate(model: CLIPModel, tokenizer, num_scenes: int = 200, seed: int = 0,
+             size: int | None = None, batch_size: int = 25) -> dict:
+    """Zero-shot quality of a CLIP on held-out synthetic scenes (a stream training never sees).
+
+    Returns:
+        dict with
+        `top1_present`: fraction of scenes whose highest-scoring class is present in the scene;
+        `presence_auc`: mean over classes of the ROC AUC of the class score for "present";
+        `naive_dense_miou`: mIoU (over classes, from the summed confusion matrix) of the per-patch
+        argmax of last-layer patch tokens (post_layernorm + visual_projection), upsampled
+        bilinearly; also `naive_dense_miou_seen` / `_unseen` and `naive_dense_pixel_acc`.
+    """
+    model.eval()
+    size = size or model.config.vision_config.image_size
+    classes = synthetic.CLASSES
+    text = class_text_embeddings(model, tokenizer, classes)  # (K, D)
+    k = len(classes)
+    scores, present, confusion = [], [], np.zeros((k, k), np.int64)
+    for first in range(0, num_scenes, batch_size):
+        scenes = [synthetic.generate_scene(np.random.default_rng([EVAL_STREAM, seed, i]), size)
+                  for i in range(first, min(first + batch_size, num_scenes))]
+        pixels = torch.stack([scene_to_tensor(s.image) for s in scenes])
+        vision = model.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
+        image = F.normalize(model.visual_projection(vision.pooler_output), dim=-1)
+        scores.append((image @ text.T).numpy())
+        present.append(np.array([[c in s.present_classes for c in classes] for s in scenes]))
+        patches = model.visual_projection(model.vision_model.post_layernorm(
+            vision.last_hidden_state[:, 1:]))  # (B, h*w, D)
+        grid = size // model.config.vision_config.patch_size
+        logits = F.normalize(patches, dim=-1) @ text.T  # (B, h*w, K)
+        logits = logits.transpose(1, 2).reshape(len(scenes), k, grid, grid)  # (B, K, h, w)
+        labels = F.interpolate(logits, size=(size, size), mode="bilinear").argmax(1).numpy()
+        for scene, label in zip(scenes, labels, strict=True):
+            confusion += np.bincount(k * scene.mask.ravel().astype(np.int64) + label.ravel(),
+                                     minlength=k * k).reshape(k, k)
+    scores, present = np.concatenate(scores), np.concatenate(present)
+    top1 = present[np.arange(len(scores)), scores.argmax(1)].mean()
+    aucs = [_auc(scores[:, c], present[:, c]) for c in range(k)]
+    hits = np.diag(confusion)
+    iou = hits / np.maximum(confusion.sum(0) + confusion.sum(1) - hits, 1)
+    seen = [synthetic.CLASS_ID[c] for c in synthetic.SEEN]
+    unseen = [synthetic.CLASS_ID[c] for c in synthetic.UNSEEN]
+    return {
+        "scenes": num_scenes, "size": size,
+        "top1_present": float(top1),
+        "presence_auc": float(np.nanmean(aucs)),
+        "naive_dense_miou": float(iou.mean()),
+        "naive_dense_miou_seen": float(iou[seen].mean()),
+        "naive_dense_miou_unseen": float(iou[unseen].mean()),
+        "naive_dense_pixel_acc": float(np.diag(confusion).sum() / confusion.sum()),
+        "per_class_iou": {c: round(float(iou[i]), 4) for i, c in enumerate(classes)},
+    }
+
+
+# --- the run ------------------------------------------------------------------------------------
+def _fmt_time(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def pretrain_clip(out_dir: str | os.PathLike, *, steps: int = 1200, batch_size: int = 128,
+                  seed: int = 0, num_workers: int = 1, checkpoint_every: int = 25,
+                  log_every: int = 10, eval_scenes: int = 200, keep_checkpoint: bool = False,
+                  command: str | None = None, stop_after: int | None = None,
+                  **overrides) -> dict:
+    """Train (or resume) the tiny CLIP and save it as a Hugging Face directory.
+
+    Args:
+        out_dir: where the model, tokenizer, image processor config, MODEL_CARD.md, metrics.json
+            and (while training) checkpoint.pt go.
+        steps: optimizer steps.
+        batch_size: (scene, caption) pairs per step.
+        seed: seeds the weights, the tokenizer corpus and the scene stream.
+        num_workers: DataLoader worker processes generating scenes (0 = in the main process).
+        checkpoint_every: steps between checkpoints.
+        log_every: steps between progress lines.
+        eval_scenes: held-out scenes for the final evaluation (0 = skip).
+        keep_checkpoint: keep checkpoint.pt after the final save.
+        command: the command line recorded in the model card.
+        stop_after: stop (after checkpointing) once this step is reached, without the final save;
+            for tests of resuming.
+        **overrides: other `PretrainConfig` fields (lr, width, layers, low_res, ...).
+
+    Returns:
+        dict with the final `step`, `loss` (mean of the last 10 steps), `losses`, `seconds` and,
+        when evaluated, the `evaluate` metrics.
+    """
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(PretrainConfig)}
+    if unknown:
+        raise ValueError(
+            f"Unknown setting(s) {sorted(unknown)}; the settings are "
+            f"{sorted(f.name for f in dataclasses.fields(PretrainConfig))}."
+        )
+    cfg = PretrainConfig(steps=steps, batch_size=batch_size, seed=seed, **overrides)
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / CHECKPOINT
+
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg, len(tokenizer))
+    optimizer, scheduler = build_optimizer(model, cfg)
+    step, losses, elapsed = 0, [], 0.0
+    if checkpoint.exists():
+        step, losses, elapsed = load_checkpoint(checkpoint, model, optimizer, scheduler, cfg)
+        print(f"pretrain-clip: resuming {checkpoint} at step {step}/{cfg.steps}", flush=True)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"pretrain-clip: {params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, "
+          f"{cfg.steps} steps x {cfg.batch_size}, out={out}", flush=True)
+
+    model.train()
+    last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    loader = DataLoader(SceneBatches(cfg, step, last), batch_size=None, num_workers=num_workers,
+                        worker_init_fn=_worker_init if num_workers else None,
+                        prefetch_factor=2 if num_workers else None)
+    started, window_start, window_images = time.time() - elapsed, time.time(), 0
+    for pixels, captions in loader:
+        losses.append(train_step(model, tokenizer, optimizer, scheduler, pixels, captions, cfg))
+        step += 1
+        window_images += len(captions)
+        if step % log_every == 0 or step == last:
+            rate = window_images / max(time.time() - window_start, 1e-9)
+            spent = time.time() - started
+            eta = (cfg.steps - step) * cfg.batch_size / max(rate, 1e-9)
+            print(f"step {step}/{cfg.steps} loss {np.mean(losses[-log_every:]):.4f} "
+                  f"lr {scheduler.get_last_lr()[0]:.2e} res {pixels.shape[-1]} "
+                  f"T {model.logit_scale.exp().item():.1f} {rate:.1f} img/s "
+                  f"elapsed {_fmt_time(spent)} eta {_fmt_time(eta)}", flush=True)
+            window_start, window_images = time.time(), 0
+        if step % checkpoint_every == 0 or step == last:
+            save_checkpoint(checkpoint, model, optimizer, scheduler, step, cfg, losses,
+                            time.time() - started)
+    seconds = time.time() - started
+    result = {"step": step, "loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+              "losses": losses, "seconds": seconds}
+    if step < cfg.steps:
+        return result
+
+    result["metrics"] = save_model(out, model, tokenizer, cfg, step=step, loss=result["loss"],
+                                   seconds=seconds, command=command, eval_scenes=eval_scenes)
+    if not keep_checkpoint:
+        checkpoint.unlink(missing_ok=True)
+    print(f"pretrain-clip: saved {out} ({_fmt_time(seconds)})", flush=True)
+    return result
+
+
+def save_model(out: Path, model: CLIPModel, tokenizer, cfg: PretrainConfig, *, step: int,
+               loss: float, seconds: float, command: str | None, eval_scenes: int) -> dict | None:
+    """Save weights (safetensors), tokenizer, image processor config, metrics.json, MODEL_CARD.md.
+
+    Returns:
+        The `evaluate` metrics, or None when `eval_scenes` is 0.
+    """
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _atomic_text(out / "preprocessor_config.json",
+                 json.dumps(image_processor_config(cfg), indent=2) + "\n")
+    metrics = None
+    if eval_scenes:
+        print(f"pretrain-clip: evaluating on {eval_scenes} held-out scenes", flush=True)
+        metrics = evaluate(model, tokenizer, eval_scenes, cfg.seed)
+        print(json.dumps({k: v for k, v in metrics.items() if k != "per_class_iou"}), flush=True)
+    summary = {"config": dataclasses.asdict(cfg), "steps": step, "final_loss": loss,
+               "train_seconds": round(seconds, 1),
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "command": command, "torch": torch.__version__, "metrics": metrics}
+    _atomic_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    _atomic_text(out / "MODEL_CARD.md", model_card(summary))
+    return metrics
+
+
+def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                      eval_scenes: int = 0, command: str | None = None) -> dict | None:
+    """Save the model of a (possibly unfinished) run's checkpoint.pt as a loadable directory.
+
+    Args:
+        run_dir: the `out_dir` of a `pretrain_clip` run that holds checkpoint.pt.
+        out_dir: where to save (as `pretrain_clip` does at the end).
+        eval_scenes: held-out scenes to evaluate on (0 = skip).
+        command: the training command recorded in the model card.
+
+    Returns:
+        The metrics, or None.
+
+    Raises:
+        FileNotFoundError: there is no checkpoint.pt in `run_dir`.
+    """
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No {CHECKPOINT} in {run_dir}; pass the --out directory of a pretrain-clip run that "
+            "is still going or was run with --keep-checkpoint."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = PretrainConfig(**state["config"])
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg, len(tokenizer))
+    model.load_state_dict(state["model"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    losses = state["losses"]
+    return save_model(out, model, tokenizer, cfg, step=state["step"],
+                      loss=float(np.mean(losses[-10:])) if losses else float("nan"),
+                      seconds=float(state["elapsed"]), command=command, eval_scenes=eval_scenes)
+
+
+def image_processor_config(cfg: PretrainConfig) -> dict:
+    """preprocessor_config.json of a CLIPImageProcessor (resize, centre crop, CLIP mean/std)."""
+    return {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True,
+        "size": {"shortest_edge": cfg.image_size}, "resample": 3, "do_center_crop": True,
+        "crop_size": {"height": cfg.image_size, "width": cfg.image_size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD), "do_convert_rgb": True,
+    }
+
+
+def model_card(summary: dict) -> str:
+    """MODEL_CARD.md text: what the model is, how it was made, how well it does."""
+    cfg, metrics = summary["config"], summary.get("metrics") or {}
+    lines = [
+        "# zegkit/tiny-synthetic",
+        "",
+        "A tiny CLIP (transformers `CLIPModel`) trained from scratch on zegkit's synthetic proving",
+        "ground (`zegkit.data.synthetic`): procedurally generated scenes of stuff textures and",
+        "coloured shapes, with captions. It exists so that every zegkit method can run end to end,",
+        "offline, with real (synthetic) mIoU numbers. It knows nothing about natural images.",
+        "",
+        "## Architecture",
+        f"- vision: ViT, patch {cfg['patch_size']}, image {cfg['image_size']},"
+        f" width {cfg['width']}, {cfg['layers']} layers, {cfg['heads']} heads",
+        f"- text: width {cfg['text_width']}, {cfg['text_layers']} layers,"
+        f" {cfg['text_heads']} heads, context {cfg['context_length']}; byte-level BPE tokenizer"
+        " in CLIP's format trained on the captions, class names and CLIP's 80 ImageNet prompt"
+        " templates",
+        f"- joint embedding dim {cfg['embed_dim']}; {summary['parameters'] / 1e6:.2f}M parameters",
+        "- pixel normalisation: OpenAI CLIP's mean/std",
+        "",
+        "## Training",
+        *([f"- INTERIM: exported at step {summary['steps']} of {cfg['steps']}"]
+          if summary["steps"] < cfg["steps"] else []),
+        f"- command: `{summary['command']}`",
+        f"- seed {cfg['seed']}, {summary['steps']} steps x batch {cfg['batch_size']}, AdamW lr"
+        f" {cfg['lr']} (warm-up {cfg['warmup']:.0%}, cosine), weight decay {cfg['weight_decay']},"
+        f" {cfg['precision']}",
+        f"- resolution {cfg['low_res']} for the first {cfg['low_res_fraction']:.0%} of steps"
+        f" (position embeddings interpolated), then {cfg['image_size']}; scene zoom"
+        f" {cfg['zoom_min']}-{cfg['zoom_max']}; {cfg['template_prob']:.0%} of captions wrapped in"
+        " ImageNet templates",
+        "- CLIP symmetric contrastive loss over (scene, caption) pairs of ALL classes",
+        f"- final loss (mean of last 10 steps) {summary['final_loss']:.4f};"
+        f" training time {summary['train_seconds'] / 60:.1f} min on the CPU it ran on"
+        f" (torch {summary['torch']})",
+        "",
+        "## Zero-shot quality (held-out synthetic scenes)",
+    ]
+    if metrics:
+        lines += [
+            f"- {metrics['scenes']} scenes at {metrics['size']} px, class prompts = the 80"
+            " ImageNet templates",
+            f"- top-1 class present in the scene: {metrics['top1_present']:.3f}",
+            f"- mean per-class presence ROC AUC: {metrics['presence_auc']:.3f}",
+            f"- naive dense (last-layer patch tokens, argmax per patch) mIoU:"
+            f" {metrics['naive_dense_miou']:.3f} (seen {metrics['naive_dense_miou_seen']:.3f},"
+            f" unseen {metrics['naive_dense_miou_unseen']:.3f}), pixel accuracy"
+            f" {metrics['naive_dense_pixel_acc']:.3f}",
+        ]
+    else:
+        lines.append("- not evaluated")
+    lines += [
+        "",
+        "## Classes",
+        f"- seen ({len(synthetic.SEEN)}): {', '.join(synthetic.SEEN)}",
+        f"- unseen ({len(synthetic.UNSEEN)}): {', '.join(synthetic.UNSEEN)}",
+        "(the CLIP saw all of them, as OpenAI's CLIP saw every benchmark class; the split is for",
+        "the trained segmentation methods)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- command line (`zegkit pretrain-clip`) ------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `zegkit pretrain-clip`."""
+    defaults = PretrainConfig()
+    parser.add_argument("--out", required=True, help="output directory (required)")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help=f"optimizer steps (default: {defaults.steps})")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help=f"pairs per step (default: {defaults.batch_size})")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help=f"seed (default: {defaults.seed})")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak lr (default: {defaults.lr})")
+    parser.add_argument("--low-res", type=int, default=None,
+                        help=f"first-phase resolution, 0 = none (default: {defaults.low_res})")
+    parser.add_argument("--low-res-fraction", type=float, default=None,
+                        help="fraction of steps at --low-res "
+                        f"(default: {defaults.low_res_fraction})")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help=f"training precision (default: {defaults.precision})")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="scene-generating DataLoader workers (default: 1)")
+    parser.add_argument("--eval-scenes", type=int, default=200,
+                        help="held-out scenes for the final evaluation (default: 200)")
+    parser.add_argument("--checkpoint-every", type=int, default=25,
+                        help="steps between checkpoints (default: 25)")
+    parser.add_argument("--keep-checkpoint", action="store_true",
+                        help="keep checkpoint.pt after the final save (default: delete it)")
+
+
+def _command_line() -> str:
+    if Path(sys.argv[0]).name == "zegkit":
+        return shlex.join(["zegkit", *sys.argv[1:]])
+    return shlex.join(["python", "-m", "zegkit.train.pretrain_clip", *sys.argv[1:]])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `zegkit pretrain-clip` with parsed arguments; returns the exit code."""
+    overrides = {name: getattr(args, name) for name in ("lr", "low_res", "low_res_fraction",
+                                                        "precision")
+                 if getattr(args, name) is not None}
+    pretrain_clip(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                  num_workers=args.workers, checkpoint_every=args.checkpoint_every,
+                  eval_scenes=args.eval_scenes, keep_checkpoint=args.keep_checkpoint,
+                  command=_command_line(), **overrides)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zegkit pretrain-clip",
+                                     description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
