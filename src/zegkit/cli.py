@@ -297,6 +297,30 @@ def run_methods(args: argparse.Namespace) -> None:
         print(f"  {name:<{width}}  {description}")
 
 
+def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
+    from zegkit.data import synthetic
+
+    synthetic.add_arguments(parser)
+
+
+def run_synth(args: argparse.Namespace) -> None:
+    from zegkit.data import synthetic
+
+    synthetic.run(args)
+
+
+def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    from zegkit.train import pretrain_clip
+
+    pretrain_clip.add_arguments(parser)
+
+
+def run_pretrain(args: argparse.Namespace) -> None:
+    from zegkit.train import pretrain_clip
+
+    pretrain_clip.run(args)
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None] | None, Callable]
 COMMANDS: dict[str, Command] = {
     "segment": ("segment images with any class names", add_segment_arguments, run_segment),
@@ -306,6 +330,16 @@ COMMANDS: dict[str, Command] = {
         run_eval,
     ),
     "methods": ("list the segmentation methods and refiners", None, run_methods),
+    "synth": (
+        "write a synthetic proving-ground dataset (images, masks, captions, split)",
+        add_synth_arguments,
+        run_synth,
+    ),
+    "pretrain-clip": (
+        "train the tiny CLIP of the proving ground on synthetic scenes",
+        add_pretrain_arguments,
+        run_pretrain,
+    ),
 }
 
 
