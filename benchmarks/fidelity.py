@@ -11,43 +11,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import CLIPConfig, CLIPModel
+from common import VIT_SHAPES, random_backbone
 
 from zegkit.backbone import ClipBackbone
-from zegkit.backbone.tokenizer import train_clip_tokenizer
 
-SHAPES = {  # name: (patch, width, layers, heads, mlp)
-    "ViT-B/16": (16, 768, 12, 12, 3072),
-    "ViT-L/14": (14, 1024, 24, 16, 4096),
-}
 SIZES = [(224, 224), (336, 448)]
-
-
-def backbone(patch: int, width: int, layers: int, heads: int, mlp: int) -> ClipBackbone:
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        vision_config=dict(
-            hidden_size=width,
-            intermediate_size=mlp,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            patch_size=patch,
-            image_size=224,
-        ),
-        text_config=dict(
-            vocab_size=300,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
-        projection_dim=512,
-    )
-    tokenizer = train_clip_tokenizer(["a photo of a dog"] * 4, vocab_size=300)
-    return ClipBackbone(CLIPModel(config), tokenizer, "random")
 
 
 @torch.no_grad()
@@ -73,10 +41,10 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="width 48, 3 layers (fast)")
     args = parser.parse_args()
     print(f"{'shape':<10}{'input':>10}{'hidden states':>16}{'image embeds':>16}")
-    for name, (patch, width, layers, heads, mlp) in SHAPES.items():
+    for name, (patch, width, layers, heads, mlp) in VIT_SHAPES.items():
         if args.tiny:
             width, layers, heads, mlp = 48, 3, 4, 96
-        model = backbone(patch, width, layers, heads, mlp)
+        model = random_backbone(patch, width, layers, heads, mlp)
         for size in SIZES:
             hidden, embedding = max_differences(model, size)
             print(f"{name:<10}{f'{size[0]}x{size[1]}':>10}{hidden:>16.2e}{embedding:>16.2e}")

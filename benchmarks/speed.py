@@ -14,10 +14,9 @@ import json
 import time
 
 import torch
-from transformers import CLIPConfig, CLIPModel
+from common import VIT_SHAPES, random_backbone
 
 from zegkit.backbone import ClipBackbone
-from zegkit.backbone.tokenizer import train_clip_tokenizer
 from zegkit.inference import PRECISIONS, InferenceConfig, window_starts
 from zegkit.io import atomic_write
 from zegkit.methods import METHODS, create_method
@@ -25,25 +24,6 @@ from zegkit.segmenter import Segmenter
 
 IMAGE_SIZE = (448, 597)  # a 4:3 photo resized to short side 448, the default protocol
 CLASSES = ["person", "dog", "grass", "sky", "road", "car", "tree", "building", "water", "wall"]
-
-
-def vit_b16_backbone() -> ClipBackbone:
-    """ViT-B/16 CLIP shapes (12 x 768 vision, 12 x 512 text, 512 joint) with random weights."""
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        vision_config=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            patch_size=16,
-            image_size=224,
-        ),
-        text_config=dict(vocab_size=1000, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        projection_dim=512,
-    )
-    tokenizer = train_clip_tokenizer([" ".join(CLASSES) + " a photo of the"] * 4, vocab_size=1000)
-    return ClipBackbone(CLIPModel(config), tokenizer, "random-vit-b16")
 
 
 def timed(fn, repeats: int) -> float:
@@ -91,7 +71,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the table here")
     args = parser.parse_args()
 
-    backbone = vit_b16_backbone()
+    backbone = random_backbone(*VIT_SHAPES["ViT-B/16"])
     image = torch.rand(1, 3, *IMAGE_SIZE)
     rows = []
     print(f"threads={torch.get_num_threads()} image={IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}")
