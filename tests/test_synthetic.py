@@ -147,3 +147,18 @@ def test_cli_writes_dataset(tmp_path, capsys):
 def test_bad_input_fails_clearly(call, fragment):
     with pytest.raises(ValueError, match=fragment):
         call()
+
+
+def test_shipped_example_is_regenerated_exactly():
+    """Golden output: the README's example scene; a failure means the generator's output changed
+    (bump GENERATOR_VERSION, regenerate the examples and retrain the shipped tiny CLIP)."""
+    from importlib.resources import files
+
+    examples = files("zegkit") / "assets" / "examples"
+    meta = json.loads((examples / "scene.json").read_text())
+    assert meta["generator_version"] == synthetic.GENERATOR_VERSION
+    scene = generate_scene([2024, 54], 448)
+    np.testing.assert_array_equal(np.asarray(Image.open(examples / "scene_mask.png")), scene.mask)
+    np.testing.assert_array_equal(np.asarray(Image.open(examples / "scene.png")), scene.image)
+    assert meta["classes"] == scene.present_classes
+    assert (examples / "classes.txt").read_text().splitlines() == list(CLASSES)
