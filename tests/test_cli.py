@@ -121,24 +121,30 @@ def synthetic_root(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("synthetic"), 3, seed=7, size=96)
 
 
+def _eval(model_dir, root, output, method, *extra):
+    return main(
+        [
+            "eval",
+            "--dataset",
+            "synthetic",
+            "--data-root",
+            str(root),
+            "--method",
+            method,
+            "--model",
+            str(model_dir),
+            "--output",
+            str(output),
+            "--num-workers",
+            "0",
+            *extra,
+        ]
+    )
+
+
 def test_eval_one_method_writes_a_table_and_json(tiny_clip_dir, synthetic_root, tmp_path, capsys):
     output = tmp_path / "result.json"
-    argv = [
-        "eval",
-        "--dataset",
-        "synthetic",
-        "--data-root",
-        str(synthetic_root),
-        "--method",
-        "sclip",
-        "--model",
-        str(tiny_clip_dir),
-        "--output",
-        str(output),
-        "--num-workers",
-        "0",
-    ]
-    assert main(argv) == 0
+    assert _eval(tiny_clip_dir, synthetic_root, output, "sclip") == 0
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "hIoU" in printed
     result = json.loads(output.read_text())
@@ -148,24 +154,7 @@ def test_eval_one_method_writes_a_table_and_json(tiny_clip_dir, synthetic_root, 
 
 def test_eval_all_methods_in_one_table(tiny_clip_dir, synthetic_root, tmp_path, capsys):
     output = tmp_path / "all.json"
-    argv = [
-        "eval",
-        "--dataset",
-        "synthetic",
-        "--data-root",
-        str(synthetic_root),
-        "--method",
-        "all",
-        "--model",
-        str(tiny_clip_dir),
-        "--output",
-        str(output),
-        "--num-workers",
-        "0",
-        "--limit",
-        "1",
-    ]
-    assert main(argv) == 0
+    assert _eval(tiny_clip_dir, synthetic_root, output, "all", "--limit", "1") == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert all(name in header for name in ("naive", "maskclip", "sclip", "clearclip", "naclip"))
     assert set(json.loads(output.read_text())["results"]) >= {"naive", "sclip", "naclip"}
