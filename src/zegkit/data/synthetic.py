@@ -52,6 +52,7 @@ CLASSES = STUFF + THINGS
 UNSEEN = ("water", "gravel", "heart", "crescent", "arrow")
 SEEN = tuple(name for name in CLASSES if name not in UNSEEN)
 IGNORE_INDEX = 255
+FILE_MODE = 0o644  # written files are world-readable (mkstemp's temp files are 0600)
 CLASS_ID = {name: index for index, name in enumerate(CLASSES)}
 
 # Thing colours: the attribute words of captions. RGB in 0..255.
@@ -459,15 +460,15 @@ STUFF_PHRASES = {
 }
 
 
-def _plural(name: str) -> str:
+def plural(name: str) -> str:
     return name + ("es" if name.endswith(("s", "x", "sh", "ch")) else "s")
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _join(parts: Sequence[str]) -> str:
+def join_words(parts: Sequence[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -485,13 +486,13 @@ def _thing_phrases(rng: np.random.Generator, things: Sequence[Thing], short: int
             if rng.random() < 0.8:
                 words.append(group[0].colour)
             words.append(name)
-            phrases.append(f"{_article(words[0])} {' '.join(words)}")
+            phrases.append(f"{article(words[0])} {' '.join(words)}")
         elif len(colours) == 1 and rng.random() < 0.8:
-            phrases.append(f"{NUMBER_WORDS[len(group)]} {colours[0]} {_plural(name)}")
+            phrases.append(f"{NUMBER_WORDS[len(group)]} {colours[0]} {plural(name)}")
         elif rng.random() < 0.5:
-            phrases.append(f"{NUMBER_WORDS[len(group)]} {_plural(name)}")
+            phrases.append(f"{NUMBER_WORDS[len(group)]} {plural(name)}")
         else:
-            phrases.append(_join([f"{_article(c)} {c} {name}" for c in colours]))
+            phrases.append(join_words([f"{article(c)} {c} {name}" for c in colours]))
     order = rng.permutation(len(phrases))
     return [phrases[i] for i in order]
 
@@ -505,9 +506,9 @@ def make_captions(rng: np.random.Generator, stuff: Sequence[str], things: Sequen
             break
         ground = [s for s in stuff if s != "sky"]
         stuff_words = {s: str(rng.choice(STUFF_PHRASES[s])) for s in stuff}
-        things_text = _join(_thing_phrases(rng, things, short)) if things else ""
-        ground_text = _join([stuff_words[s] for s in ground]) if ground else ""
-        all_stuff = _join([stuff_words[s] for s in rng.permutation(list(stuff))])
+        things_text = join_words(_thing_phrases(rng, things, short)) if things else ""
+        ground_text = join_words([stuff_words[s] for s in ground]) if ground else ""
+        all_stuff = join_words([stuff_words[s] for s in rng.permutation(list(stuff))])
         options = []
         if things:
             options += [f"{things_text} on {all_stuff}", f"a photo of {things_text} on {all_stuff}",
@@ -632,6 +633,7 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -643,6 +645,7 @@ def _atomic_png(path: Path, array: np.ndarray) -> None:
     os.close(fd)
     try:
         Image.fromarray(array).save(tmp, format="PNG")
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
