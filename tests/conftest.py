@@ -17,7 +17,7 @@ WORDS = (
 
 
 def tiny_clip_config(
-    patch_size: int = 16, image_size: int = 224, layers: int = 3, vocab_size: int = 400
+    patch_size: int = 16, image_size: int = 224, layers: int = 3, vocab_size: int = 600
 ) -> CLIPConfig:
     """A CLIP config with the shape of ViT-B/16 (or L/14 with patch_size=14) but tiny widths."""
     return CLIPConfig(
@@ -52,7 +52,7 @@ def _private_text_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    return train_clip_tokenizer([WORDS] * 4, vocab_size=400)
+    return train_clip_tokenizer([WORDS] * 4, vocab_size=600)
 
 
 def make_tiny_clip(patch_size: int = 16, seed: int = 0, layers: int = 3) -> CLIPModel:

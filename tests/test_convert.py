@@ -11,7 +11,7 @@ from zegkit.backbone.convert import convert_openai_state_dict
 OPENAI_HEAD_WIDTH = 64  # OpenAI: heads = width // 64, so test widths are multiples of 64
 
 
-def openai_shaped_config(vocab_size: int = 400, image_size: int = 32, patch_size: int = 16,
+def openai_shaped_config(vocab_size: int = 600, image_size: int = 32, patch_size: int = 16,
                          hidden_act: str = "quick_gelu") -> CLIPConfig:
     """Tiny CLIP whose head width is OpenAI's 64; special ids match the tiny test tokenizer."""
     return CLIPConfig(
@@ -102,7 +102,7 @@ def test_round_trip_gives_identical_tensors_and_config(hf_model, openai_sd):
                       "num_attention_heads", "hidden_act"):
             assert getattr(got, field) == getattr(want, field), (tower, field)
     assert (config.vision_config.patch_size, config.vision_config.image_size) == (16, 32)
-    assert (config.text_config.vocab_size, config.text_config.max_position_embeddings) == (400, 77)
+    assert (config.text_config.vocab_size, config.text_config.max_position_embeddings) == (600, 77)
     assert config.projection_dim == 32
     assert config.text_config.eos_token_id == 1
 
@@ -125,7 +125,7 @@ def test_converted_model_gives_the_same_embeddings(hf_model, openai_sd):
 def test_defaults_are_openai_activation_and_special_ids(openai_sd):
     config, _ = convert_openai_state_dict(openai_sd)
     text = config.text_config
-    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (398, 399, 399)
+    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (598, 599, 599)
     assert text.hidden_act == config.vision_config.hidden_act == "quick_gelu"
 
 
@@ -136,7 +136,7 @@ def test_plain_gelu_for_open_clip_models(openai_sd):
 
 def test_openai_only_buffers_are_dropped(openai_sd):
     extras = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(77),
-              "vocab_size": torch.tensor(400), "attn_mask": torch.zeros(77, 77),
+              "vocab_size": torch.tensor(600), "attn_mask": torch.zeros(77, 77),
               "transformer.resblocks.0.attn_mask": torch.zeros(77, 77)}
     _, converted = convert_openai_state_dict({**openai_sd, **extras})
     assert not any("attn_mask" in key or key in extras for key in converted)

@@ -113,7 +113,7 @@ def test_torchscript_archive_in_fp16(tmp_path, openai_sd, tokenizer, tiny_clip_d
     """Like OpenAI's ~/.cache/clip/*.pt: TorchScript, fp16 weights, extra scalar buffers."""
     half = {key: value.half() for key, value in openai_sd.items()}
     extras = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(77),
-              "vocab_size": torch.tensor(400)}
+              "vocab_size": torch.tensor(600)}
     path = tmp_path / "archive.pt"
     save_torchscript_archive({**half, **extras}, path)
     model, _, _ = load_clip_model(str(path), tokenizer_source=tiny_clip_dir)

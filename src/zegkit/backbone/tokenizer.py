@@ -6,38 +6,67 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 
-from tokenizers import pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer, PreTrainedTokenizerBase
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+END_OF_WORD = "</w>"  # CLIP's BPE end-of-word marker
+MIN_VOCAB = 2 + 2 * 256  # BOS, EOS, 256 byte symbols, the same 256 with END_OF_WORD
 
 
 def train_clip_tokenizer(
     texts: Iterable[str], vocab_size: int, max_length: int = 77
 ) -> CLIPTokenizer:
-    """Train a byte-level BPE with CLIP's normaliser, pre-tokeniser and `</w>` word ends.
+    """A CLIP-format byte-level BPE tokenizer, trained deterministically.
 
-    The result saves with `save_pretrained` and loads with `CLIPTokenizer.from_pretrained`, like
-    OpenAI's. Ids 0 and 1 are BOS and EOS (EOS doubles as padding, as in CLIP).
+    Same format as OpenAI's, so it saves with `save_pretrained` and loads with
+    `CLIPTokenizer.from_pretrained`: CLIP's
+    normaliser and pre-tokeniser, ids 0/1 = BOS/EOS, then the 256 byte symbols, the same with
+    `</w>`, then one token per merge. Unlike the `tokenizers` trainer, whose ties between equally
+    frequent pairs depend on hash order (two runs give different ids), ties here go to the
+    lexicographically smallest pair, so the same texts always give the same tokenizer.
     """
-    blank = CLIPTokenizer()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS, EOS],
-        end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    blank._tokenizer.train_from_iterator(texts, trainer)
-    bpe = json.loads(blank._tokenizer.to_str())["model"]
+    backend = CLIPTokenizer()._tokenizer
+    counts: dict[str, int] = {}
+    for text in texts:
+        pieces = backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))
+        for word, _ in pieces:
+            counts[word] = counts.get(word, 0) + 1
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = [BOS, EOS, *alphabet, *(symbol + END_OF_WORD for symbol in alphabet)]
+    words = {word: [*word[:-1], word[-1] + END_OF_WORD] for word in sorted(counts)}
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size:
+        pairs: dict[tuple[str, str], int] = {}
+        for word, symbols in words.items():
+            for pair in zip(symbols, symbols[1:], strict=False):
+                pairs[pair] = pairs.get(pair, 0) + counts[word]
+        if not pairs:
+            break  # every word is one token
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.append(best[0] + best[1])
+        for word, symbols in words.items():
+            words[word] = _merge(symbols, best)
     return CLIPTokenizer(
-        vocab=bpe["vocab"],
-        merges=[tuple(pair) for pair in bpe["merges"]],
+        vocab={token: i for i, token in enumerate(vocab)},
+        merges=merges,
         model_max_length=max_length,
     )
+
+
+def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int, source: str) -> None:

@@ -29,13 +29,14 @@ import argparse
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from zegkit.io import atomic_write, save_json_atomic, save_png_atomic
 
 GENERATOR_VERSION = 1  # bump when the same seed would give different scenes
 
@@ -52,7 +53,6 @@ CLASSES = STUFF + THINGS
 UNSEEN = ("water", "gravel", "heart", "crescent", "arrow")
 SEEN = tuple(name for name in CLASSES if name not in UNSEEN)
 IGNORE_INDEX = 255
-FILE_MODE = 0o644  # written files are world-readable (mkstemp's temp files are 0600)
 CLASS_ID = {name: index for index, name in enumerate(CLASSES)}
 
 # Thing colours: the attribute words of captions. RGB in 0..255.
@@ -628,30 +628,6 @@ def generate_scene(rng_or_seed: int | Sequence[int] | np.random.Generator,
 
 
 # --- writing a dataset --------------------------------------------------------------------------
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_png(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_dataset(out_dir: str | os.PathLike, num: int, seed: int = 0, size: int = 224,
                   progress: bool = False) -> Path:
     """Write `num` scenes in the layout of the module docstring; each file written atomically.
@@ -674,23 +650,25 @@ def write_dataset(out_dir: str | os.PathLike, num: int, seed: int = 0, size: int
     root = Path(out_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
-    _atomic_bytes(root / "classes.txt", ("\n".join(CLASSES) + "\n").encode())
+    with atomic_write(root / "classes.txt", "w") as handle:
+        handle.write("\n".join(CLASSES) + "\n")
     split = {"seen": list(SEEN), "unseen": list(UNSEEN)}
-    _atomic_bytes(root / "split.json", (json.dumps(split, indent=2) + "\n").encode())
+    save_json_atomic(split, root / "split.json")
     lines = []
     for index in range(num):
         scene = generate_scene(np.random.default_rng([seed, index]), size)
         stem = f"{index:06d}"
-        _atomic_png(root / "images" / f"{stem}.png", scene.image)
-        _atomic_png(root / "masks" / f"{stem}.png", scene.mask)
+        save_png_atomic(Image.fromarray(scene.image), root / "images" / f"{stem}.png")
+        save_png_atomic(Image.fromarray(scene.mask), root / "masks" / f"{stem}.png")
         lines.append(json.dumps({"id": stem, "captions": scene.captions,
                                  "classes": scene.present_classes}))
         if progress and (index + 1) % 100 == 0:
             print(f"synth: {index + 1}/{num} scenes -> {root}", flush=True)
-    _atomic_bytes(root / "captions.jsonl", ("\n".join(lines) + "\n").encode())
+    with atomic_write(root / "captions.jsonl", "w") as handle:
+        handle.write("\n".join(lines) + "\n")
     meta = {"generator": "zegkit.data.synthetic", "version": GENERATOR_VERSION, "seed": seed,
             "num": num, "size": size}
-    _atomic_bytes(root / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    save_json_atomic(meta, root / "meta.json")
     return root
 
 

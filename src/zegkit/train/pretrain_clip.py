@@ -30,7 +30,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,53 +38,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import pre_tokenizers
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from zegkit.backbone.tokenizer import BOS, EOS, check_tokenizer
+from zegkit.backbone.tokenizer import MIN_VOCAB, check_tokenizer, train_clip_tokenizer
 from zegkit.data import synthetic
+from zegkit.io import atomic_write
+from zegkit.text import IMAGENET_TEMPLATES
 
 # OpenAI CLIP's pixel normalisation (openai/CLIP clip/clip.py `_transform`), kept so that the tiny
 # model is preprocessed exactly like the real ones.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# The 80 prompt templates of OpenAI CLIP's ImageNet zero-shot evaluation
-# (openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb). Captions are sometimes wrapped in
-# them during pretraining so that their words get trained embeddings.
-IMAGENET_TEMPLATES = (
-    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
-    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
-    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.",
-    "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
-    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
-    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.",
-    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
-    "a painting of the {}.", "a painting of a {}.", "a pixelated photo of the {}.",
-    "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
-    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
-    "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.",
-    "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.", "the {} in a video game.",
-    "a sketch of a {}.", "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.",
-    "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.", "a photo of a large {}.",
-    "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
-    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
-    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
-    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.",
-    "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
-    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
-    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
-    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
-    "a photo of a small {}.", "a tattoo of the {}.",
-)
 # Seed-sequence prefixes that keep the scene streams apart (and apart from `write_dataset`'s
 # two-element `[seed, i]`).
 TRAIN_STREAM, EVAL_STREAM, TOKENIZER_STREAM = 7, 8, 9
 CHECKPOINT = "checkpoint.pt"
-FILE_MODE = 0o644  # written files are world-readable (mkstemp's temp files are 0600)
-END_OF_WORD = "</w>"  # CLIP's BPE end-of-word marker
-MIN_VOCAB = 2 + 2 * 256  # BOS, EOS, 256 byte symbols, the same 256 with END_OF_WORD
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its learned temperature at 100
 
 
@@ -185,57 +153,9 @@ def tokenizer_corpus(cfg: PretrainConfig) -> list[str]:
     return texts
 
 
-def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int,
-                        max_length: int = 77) -> CLIPTokenizer:
-    """A CLIP-format byte-level BPE tokenizer, trained deterministically.
-
-    Same format as OpenAI's (and as `zegkit.backbone.tokenizer.train_clip_tokenizer`): CLIP's
-    normaliser and pre-tokeniser, ids 0/1 = BOS/EOS, then the 256 byte symbols, the same with
-    `</w>`, then one token per merge. Unlike the `tokenizers` trainer, whose ties between equally
-    frequent pairs depend on hash order (two runs give different ids), ties here go to the
-    lexicographically smallest pair, so the same texts always give the same tokenizer.
-    """
-    backend = CLIPTokenizer()._tokenizer
-    counts: dict[str, int] = {}
-    for text in texts:
-        pieces = backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))
-        for word, _ in pieces:
-            counts[word] = counts.get(word, 0) + 1
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = [BOS, EOS, *alphabet, *(symbol + END_OF_WORD for symbol in alphabet)]
-    words = {word: [*word[:-1], word[-1] + END_OF_WORD] for word in sorted(counts)}
-    merges: list[tuple[str, str]] = []
-    while len(vocab) < vocab_size:
-        pairs: dict[tuple[str, str], int] = {}
-        for word, symbols in words.items():
-            for pair in zip(symbols, symbols[1:], strict=False):
-                pairs[pair] = pairs.get(pair, 0) + counts[word]
-        if not pairs:
-            break  # every word is one token
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append(best)
-        vocab.append(best[0] + best[1])
-        for word, symbols in words.items():
-            words[word] = _merge(symbols, best)
-    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=merges,
-                         model_max_length=max_length)
-
-
-def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
-    merged, i = [], 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            merged.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            merged.append(symbols[i])
-            i += 1
-    return merged
-
-
 def build_tokenizer(cfg: PretrainConfig) -> CLIPTokenizer:
     """The run's tokenizer, a deterministic function of `cfg` (seed, vocab_size, ...)."""
-    tokenizer = train_bpe_tokenizer(tokenizer_corpus(cfg), cfg.vocab_size, cfg.context_length)
+    tokenizer = train_clip_tokenizer(tokenizer_corpus(cfg), cfg.vocab_size, cfg.context_length)
     check_tokenizer(tokenizer, cfg.vocab_size, "the freshly trained tokenizer")
     return tokenizer
 
@@ -371,27 +291,13 @@ def train_step(model: CLIPModel, tokenizer, optimizer, scheduler, pixels: torch.
 
 # --- checkpoints --------------------------------------------------------------------------------
 def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        torch.save(obj, handle)
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, cfg: PretrainConfig,
