@@ -41,7 +41,8 @@ class InferenceConfig:
         background_threshold: pixels whose best class probability is below this get label 0,
             the background class (None: off). For datasets whose class 0 is background.
         refine: refiner applied to the stitched logits at input resolution ("none", "pamr").
-        precision: "fp32" or "bf16" (autocast; 2-3.7x faster on recent CPUs).
+        precision: "fp32" or "bf16" autocast: faster on GPUs and on CPUs with native bf16
+            (AVX-512 BF16, AMX); on AVX2-only CPUs it is emulated and several times slower.
     """
 
     short_side: int | None = 448
