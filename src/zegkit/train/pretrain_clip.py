@@ -78,11 +78,6 @@ class PretrainConfig:
     # background and colour words alone and the shapes are never learned (tried: presence AUC of
     # the shape classes stayed at chance)
     things_prob: float = 0.35
-    # P(sample = one large centred shape on a background, captioned by its name, "a star."):
-    # in whole scenes the shapes are small at low_res and the text tower collapsed the eleven
-    # shape names onto one vector (mean pairwise cosine 0.9997); close-ups make them separable
-    object_prob: float = 0.3
-    object_radius: tuple[float, float] = (0.22, 0.4)  # radius range, fraction of the image side
     width: int = 192  # vision tower (DeiT-Tiny's width and heads)
     layers: int = 6
     heads: int = 3
@@ -177,8 +172,6 @@ def scene_to_tensor(image: np.ndarray) -> torch.Tensor:
 def training_sample(cfg: PretrainConfig, index: int, size: int) -> tuple[np.ndarray, str]:
     """Sample `index` of the training stream: (image, caption)."""
     rng = np.random.default_rng([TRAIN_STREAM, cfg.seed, index])
-    if rng.random() < cfg.object_prob:
-        return object_sample(rng, size, cfg.object_radius)
     zoom = float(np.exp(rng.uniform(np.log(cfg.zoom_min), np.log(cfg.zoom_max))))
     scene = synthetic.generate_scene(rng, size, zoom=zoom)
     draw = rng.random()
@@ -191,24 +184,6 @@ def training_sample(cfg: PretrainConfig, index: int, size: int) -> tuple[np.ndar
     else:
         caption = str(rng.choice(scene.captions))
     return scene.image, caption
-
-
-def object_sample(
-    rng: np.random.Generator, size: int, radius: tuple[float, float]
-) -> tuple[np.ndarray, str]:
-    """A close-up: one large shape near the centre of a random background, captioned by the
-    shape alone ("a star.", or inside an ImageNet template), so matching needs the shape."""
-    name = str(rng.choice(synthetic.THINGS))
-    limit = synthetic.MAX_ROTATION.get(name, np.pi)
-    thing = synthetic.Thing(
-        name=name,
-        colour=str(rng.choice(list(synthetic.COLOURS))),
-        center=tuple(float(c) for c in rng.uniform(0.4, 0.6, size=2) * size),
-        radius=float(rng.uniform(*radius) * size),
-        angle=float(rng.uniform(-limit, limit)),
-    )
-    scene = synthetic.compose_scene(rng, synthetic.sample_stuff_layout(rng, size), [thing])
-    return scene.image, shapes_caption(rng, [name])
 
 
 def shapes_caption(rng: np.random.Generator, shapes: Sequence[str]) -> str:
