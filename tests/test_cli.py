@@ -158,3 +158,23 @@ def test_eval_all_methods_in_one_table(tiny_clip_dir, synthetic_root, tmp_path, 
     header = capsys.readouterr().out.splitlines()[0]
     assert all(name in header for name in ("naive", "maskclip", "sclip", "clearclip", "naclip"))
     assert set(json.loads(output.read_text())["results"]) >= {"naive", "sclip", "naclip"}
+
+
+def test_method_settings_from_the_command_line(tiny_clip_dir, photo, tmp_path, capsys):
+    from zegkit.cli import parse_settings
+
+    assert parse_settings(["gaussian_std=3", "compensation=False", "model=a/b"]) == {
+        "gaussian_std": 3,
+        "compensation": False,
+        "model": "a/b",
+    }
+    out = tmp_path / "out"
+    extra = ["--method", "cliper", "--set", "compensation=False"]
+    assert _segment(tiny_clip_dir, out, photo, extra=extra) == 0  # no Stable Diffusion needed
+    assert (out / "photo.json").exists()
+    bad = tmp_path / "bad"
+    assert _segment(tiny_clip_dir, bad, photo, extra=["--method", "naclip", "--set", "std=3"]) == 2
+    assert "its settings are" in capsys.readouterr().err
+    assert _segment(tiny_clip_dir, bad, photo, extra=["--set", "gaussian_std"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert not bad.exists()

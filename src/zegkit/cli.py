@@ -10,6 +10,7 @@ is forwarded only when given, so each default lives once, in the library.
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -103,6 +104,35 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, allow_all: bool = Fa
         default="imagenet",
         help="prompt templates: imagenet, short, single, maskclip (default: imagenet)",
     )
+    group.add_argument(
+        "--set",
+        dest="method_settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the method's config, repeatable, e.g. --set gaussian_std=3 or "
+        "--set compensation=False for CLIPer without Stable Diffusion (default: none)",
+    )
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, object]:
+    """--set KEY=VALUE items as a dict; values are Python literals where they parse as one
+    (3, 0.5, False, (8, 16)), else strings (model ids, paths).
+
+    Raises:
+        ValueError: an item without '='.
+    """
+    settings = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r} (e.g. --set gaussian_std=3).")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        settings[key.strip()] = value
+    return settings
 
 
 def build_segmenter(args: argparse.Namespace):
@@ -124,7 +154,7 @@ def build_segmenter(args: argparse.Namespace):
         "refine": args.refine,
     }
     config = InferenceConfig(**{k: v for k, v in settings.items() if v is not None})
-    method = create_method(args.method)
+    method = create_method(args.method, **parse_settings(args.method_settings))
     backbone = load_clip(args.model, device=args.device, tokenizer_source=args.tokenizer)
     return Segmenter(backbone, method, config, templates=args.templates)
 
@@ -272,6 +302,7 @@ def run_eval(args: argparse.Namespace) -> None:
         background_threshold=args.background_threshold,
         refine=args.refine,
         templates=args.templates,
+        **parse_settings(args.method_settings),
     )
     if args.method == "all":
         results = run_eval_all(args.dataset, args.data_root, **common)
