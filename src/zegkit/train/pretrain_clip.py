@@ -42,14 +42,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from zegkit.backbone.tokenizer import MIN_VOCAB, check_tokenizer, train_clip_tokenizer
+from zegkit.backbone.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from zegkit.data import synthetic
+from zegkit.evaluate import confusion_matrix
 from zegkit.io import atomic_write
 from zegkit.text import IMAGENET_TEMPLATES
 
-# OpenAI CLIP's pixel normalisation (openai/CLIP clip/clip.py `_transform`), kept so that the tiny
-# model is preprocessed exactly like the real ones.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Seed-sequence prefixes that keep the scene streams apart (and apart from `write_dataset`'s
 # two-element `[seed, i]`).
 TRAIN_STREAM, EVAL_STREAM, TOKENIZER_STREAM = 7, 8, 9
@@ -164,8 +162,8 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> CLIPModel:
 def scene_to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 normalised with CLIP's mean and std."""
     pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
     return (pixels - mean) / std
 
 
@@ -361,8 +359,9 @@ def evaluate(model: CLIPModel, tokenizer, num_scenes: int = 200, seed: int = 0,
         logits = logits.transpose(1, 2).reshape(len(scenes), k, grid, grid)  # (B, K, h, w)
         labels = F.interpolate(logits, size=(size, size), mode="bilinear").argmax(1).numpy()
         for scene, label in zip(scenes, labels, strict=True):
-            confusion += np.bincount(k * scene.mask.ravel().astype(np.int64) + label.ravel(),
-                                     minlength=k * k).reshape(k, k)
+            confusion += confusion_matrix(
+                torch.from_numpy(label), torch.from_numpy(scene.mask.astype(np.int64)), k
+            ).numpy()
     scores, present = np.concatenate(scores), np.concatenate(present)
     top1 = present[np.arange(len(scores)), scores.argmax(1)].mean()
     aucs = [_auc(scores[:, c], present[:, c]) for c in range(k)]
@@ -547,8 +546,8 @@ def image_processor_config(cfg: PretrainConfig) -> dict:
         "image_processor_type": "CLIPImageProcessor", "do_resize": True,
         "size": {"shortest_edge": cfg.image_size}, "resample": 3, "do_center_crop": True,
         "crop_size": {"height": cfg.image_size, "width": cfg.image_size}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
-        "image_std": list(CLIP_STD), "do_convert_rgb": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True,
     }
 
 
