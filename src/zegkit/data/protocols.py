@@ -1,19 +1,23 @@
 """Evaluation protocols: the settings behind the field's published tables, by name.
 
 A `Protocol` names a dataset and the inference settings a paper's table used (short side, crop,
-stride, mode, logit scale, background threshold), plus the seen/unseen classes of a zero-shot
-split. Its inference fields have the names of `zegkit.inference.InferenceConfig`'s, so
-``InferenceConfig(**protocol.inference_overrides())`` applies it. A result records the protocol's
-name, so every number says which settings produced it.
+stride, mode, background threshold), the seen/unseen classes of a zero-shot split, and the
+per-method settings the papers' released configs use on that dataset (e.g. SCLIP's logit scale 65
+on VOC21). Its inference fields have the names of `zegkit.inference.InferenceConfig`'s. A
+protocol never sets one method's temperature for all of them: a method it has no values for runs
+with its own defaults. Settings resolve as: the user's explicit setting > the protocol's value
+for that method > the method's default (see `zegkit.segmenter.build_segmenter`). A result records
+the protocol's name and the effective settings, so every number says what produced it.
 
 Sources:
 
 - ``sclip-*``: SCLIP (arXiv 2312.01597), wangf3014/SCLIP @ 57fa9aa ``configs/cfg_*.py`` and
   ``clip_segmentor.py``: ``Resize(scale=(2048, short_side), keep_ratio=True)``, sliding window
-  224 / stride 112, ``logit_scale`` 40 unless a config sets it, ``prob_thd`` (our
-  background_threshold) on the datasets with a background class. ClearCLIP and NACLIP evaluate
-  with the same settings. SCLIP's VOC21 config also sets ``area_thd=0.1`` (classes covering
-  less than 10% of the predicted foreground are dropped); zegkit does not implement it, so
+  224 / stride 112, ``prob_thd`` (our background_threshold) on the datasets with a background
+  class, and SCLIP's ``logit_scale`` where a config sets one (40, SCLIP's default, otherwise).
+  ClearCLIP and NACLIP evaluate with the same resize / window / threshold settings and their own
+  logit scales (their method defaults). SCLIP's VOC21 config also sets ``area_thd=0.1`` (classes
+  covering less than 10% of the predicted foreground are dropped); zegkit does not implement it, so
   sclip-voc21 numbers can differ slightly from SCLIP's table.
 - ``zegclip-voc-15-5``, ``zegclip-coco-156-15``: ZegCLIP (arXiv 2212.03588),
   ZiqinZhou66/ZegCLIP ``configs/voc12/vpt_seg_zero_vit-b_512x512_20k_12_10.py`` and
@@ -38,22 +42,21 @@ Sources:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 
 from zegkit.data.base import class_indices
 
 # Settings shared by the training-free protocol (SCLIP clip_segmentor.py defaults).
 SCLIP_CROP = 224
 SCLIP_STRIDE = 112
-SCLIP_LOGIT_SCALE = 40.0
 SCLIP_PROB_THRESHOLD = 0.1
 # ZegCLIP / Cascade-CLIP test settings (test_cfg slide crop 512, stride 426; img_scale 2048x512).
 ZEGCLIP_SHORT_SIDE = 512
 ZEGCLIP_CROP = 512
 ZEGCLIP_STRIDE = 426
 
-INFERENCE_FIELDS = ("short_side", "crop", "stride", "mode", "logit_scale", "background_threshold")
+INFERENCE_FIELDS = ("short_side", "crop", "stride", "mode", "background_threshold")
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,13 @@ class Protocol:
         crop: sliding-window size in pixels.
         stride: sliding-window step in pixels.
         mode: "slide" or "whole" (InferenceConfig.mode).
-        logit_scale: softmax temperature before the background threshold (None: the method's).
         background_threshold: pixels whose best class probability is below it become class 0,
             the background; None for datasets without a background class.
         seen: display names of the seen classes of a zero-shot split (None: no split, or the
             dataset's own split).
         unseen: display names of the unseen classes.
+        method_settings: method name -> settings of that method's config its released config
+            uses here (e.g. {"sclip": {"logit_scale": 65.0}}); other methods keep their defaults.
         source: the paper / repository file the numbers come from.
     """
 
@@ -82,16 +86,20 @@ class Protocol:
     crop: int
     stride: int
     mode: str = "slide"
-    logit_scale: float | None = None
     background_threshold: float | None = None
     seen: tuple[str, ...] | None = None
     unseen: tuple[str, ...] | None = None
+    method_settings: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     source: str = ""
 
     def inference_overrides(self) -> dict[str, object]:
         """The InferenceConfig fields this protocol sets, None included: short_side None keeps
-        the input size, logit_scale None uses the method's, background_threshold None is off."""
+        the input size, background_threshold None is off."""
         return {name: getattr(self, name) for name in INFERENCE_FIELDS}
+
+    def settings_for(self, method: str) -> dict[str, object]:
+        """The settings this protocol gives `method` (empty: the method's defaults)."""
+        return dict(self.method_settings.get(method, {}))
 
     def split_indices(
         self, class_names: Sequence[str]
@@ -113,22 +121,24 @@ class Protocol:
     def to_dict(self) -> dict[str, object]:
         """The protocol as a JSON-ready dict (recorded next to results)."""
         record = asdict(self)
+        record["method_settings"] = {k: dict(v) for k, v in self.method_settings.items()}
         for key in ("seen", "unseen"):
             if record[key] is not None:
                 record[key] = list(record[key])
         return record
 
 
-def _sclip(dataset: str, short_side: int, logit_scale: float = SCLIP_LOGIT_SCALE,
+def _sclip(dataset: str, short_side: int, logit_scale: float | None = None,
            background_threshold: float | None = None, config: str = "") -> Protocol:
+    """A protocol of SCLIP's configs; `logit_scale` is SCLIP's own where its config sets one."""
     return Protocol(
         name=f"sclip-{dataset}",
         dataset=dataset,
         short_side=short_side,
         crop=SCLIP_CROP,
         stride=SCLIP_STRIDE,
-        logit_scale=logit_scale,
         background_threshold=background_threshold,
+        method_settings={} if logit_scale is None else {"sclip": {"logit_scale": logit_scale}},
         source=f"SCLIP arXiv 2312.01597, wangf3014/SCLIP configs/{config}",
     )
 
