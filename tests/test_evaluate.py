@@ -1,6 +1,8 @@
 """Metrics against hand-computed numbers; the evaluation loop with a real colour predictor."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -139,6 +141,13 @@ def test_tables_show_classes_and_summary():
     other = metrics(torch.eye(4, dtype=torch.int64), ["a", "b", "c", "d"])
     combined = format_comparison({"m1": result, "m2": other, "m3": {"error": "no weights"}})
     assert "m1" in combined and "100.00" in combined and "m3: no weights" in combined
+
+
+def test_importing_evaluate_does_not_import_transformers():
+    code = "import sys, zegkit.evaluate; print('transformers' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert imported == "False"  # the metrics are usable without the backbone's import cost
 
 
 # ---- the evaluation loop ------------------------------------------------------------------------

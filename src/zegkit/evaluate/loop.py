@@ -1,0 +1,162 @@
+"""The evaluation loop: one segmenter over a labelled dataset, sharded and resumable.
+
+Sharding (``torchrun --nproc-per-node N -m zegkit eval ...``): `zegkit.distributed` joins the
+process group torchrun describes; rank r evaluates images r, r + N, r + 2N, ...; the confusion
+matrices are all-reduced. The result is exactly the single-process one, because integer counts
+add up the same in any order. Resuming: see `zegkit.evaluate.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from zegkit.data.base import SegmentationDataset
+from zegkit.distributed import all_reduce_sum, rank_and_world
+from zegkit.evaluate.checkpoint import (
+    fingerprint_of,
+    load_checkpoint,
+    rank_checkpoint_path,
+    save_checkpoint,
+)
+from zegkit.evaluate.metrics import confusion_matrix, metrics
+from zegkit.evaluate.report import run_record
+
+
+class _Indexed(Dataset):
+    """Items of `dataset` at `indices`, each tagged with its dataset index."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, tuple[Tensor, Tensor, str]]:
+        index = self.indices[position]
+        return index, self.dataset[index]
+
+
+def _predict(segmenter: object, image: Tensor) -> Tensor:
+    labels = segmenter.predict(image[None].float() / 255)  # (1, H, W)
+    if not isinstance(labels, Tensor) or labels.shape != (1, *image.shape[-2:]):
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise RuntimeError(
+            f"segmenter.predict must return labels of shape (1, H, W) = (1, "
+            f"{image.shape[-2]}, {image.shape[-1]}) for one image; got {shape}."
+        )
+    return labels[0].cpu()
+
+
+def evaluate(
+    segmenter: object,
+    dataset: SegmentationDataset,
+    *,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+    num_workers: int = 2,
+    settings: Mapping[str, object] | None = None,
+    seen: Sequence[int] | None = None,
+    unseen: Sequence[int] | None = None,
+    limit: int | None = None,
+) -> dict:
+    """Evaluate a segmenter on a labelled dataset; sharded if torch.distributed is initialised.
+
+    The segmenter's vocabulary is set to ``dataset.class_names`` first (if it has
+    ``set_vocabulary``); then each image goes through ``segmenter.predict(image[None] / 255)``,
+    which must return (1, H, W) labels at the image's resolution.
+
+    Args:
+        segmenter: anything with ``predict(images (B, 3, H, W) float in [0, 1]) -> (B, H, W)``.
+        dataset: a `SegmentationDataset` with masks.
+        progress: show a progress bar with images/s (on rank 0).
+        checkpoint: file to checkpoint to and resume from (one file per rank when sharded).
+        checkpoint_every: images between checkpoints.
+        num_workers: DataLoader worker processes decoding images (0: decode in this process).
+        settings: what produced the result (method, model, protocol, ...); recorded with it and
+            part of the checkpoint fingerprint.
+        seen: seen class indices (default: the dataset's).
+        unseen: unseen class indices (default: the dataset's).
+        limit: evaluate only the first `limit` images.
+
+    Returns:
+        `metrics` of the summed confusion matrix, plus "confusion" (K x K list), "num_images",
+        "resumed_images", "world_size", "seconds", "images_per_second" and "settings".
+
+    Raises:
+        ValueError: the dataset has no masks, bad arguments, or predictions out of range.
+        RuntimeError: the checkpoint belongs to other settings or cannot be read, or predict
+            returned the wrong shape.
+    """
+    if not dataset.has_masks:
+        raise ValueError(
+            f"{dataset.name} at {dataset.root} has no ground-truth masks; evaluation needs them "
+            f"(for a folder: masks/<id>.png next to images/)."
+        )
+    if checkpoint_every < 1 or num_workers < 0 or (limit is not None and limit < 1):
+        raise ValueError(
+            f"checkpoint_every must be >= 1, num_workers >= 0 and limit None or >= 1; got "
+            f"{checkpoint_every}, {num_workers}, {limit}."
+        )
+    rank, world = rank_and_world()
+    settings = dict(settings or {})
+    settings["limit"] = limit
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    mine = list(range(rank, total, world))
+    fingerprint = fingerprint_of(dataset, settings, rank, world)
+    path = None if checkpoint is None else rank_checkpoint_path(checkpoint, rank, world)
+    num_classes = dataset.num_classes
+    if path is None:
+        conf, done = torch.zeros(num_classes, num_classes, dtype=torch.int64), set()
+    else:
+        conf, done = load_checkpoint(path, fingerprint, num_classes)
+    resumed = len(done)
+    todo = [index for index in mine if index not in done]
+
+    if hasattr(segmenter, "set_vocabulary"):
+        segmenter.set_vocabulary(dataset.class_names)
+    loader = DataLoader(
+        _Indexed(dataset, todo), batch_size=None, shuffle=False, num_workers=num_workers
+    )
+    bar = tqdm(total=len(mine), initial=resumed, unit="img", desc=dataset.name,
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    start, since_save = time.perf_counter(), 0
+    with torch.inference_mode(), bar:
+        for index, (image, mask, name) in loader:
+            bar.set_postfix_str(name, refresh=False)
+            conf += confusion_matrix(_predict(segmenter, image), mask, num_classes,
+                                     dataset.ignore_index)
+            done.add(index)
+            since_save += 1
+            bar.update()
+            if path is not None and since_save >= checkpoint_every:
+                save_checkpoint(path, fingerprint, conf, done)
+                since_save = 0
+    if path is not None and (since_save or not path.exists()):
+        save_checkpoint(path, fingerprint, conf, done)
+    seconds = time.perf_counter() - start
+
+    conf = all_reduce_sum(conf)
+    counts = all_reduce_sum(torch.tensor([len(done), resumed, len(todo)], dtype=torch.int64))
+    seen = dataset.seen if seen is None and unseen is None else seen
+    unseen = dataset.unseen if unseen is None else unseen
+    result = metrics(conf, dataset.class_names, seen, unseen)
+    processed = int(counts[2])
+    result.update(
+        confusion=conf.tolist(),
+        num_images=int(counts[0]),
+        resumed_images=int(counts[1]),
+        world_size=world,
+        seconds=seconds,
+        images_per_second=processed / seconds if seconds > 0 and processed else None,
+        settings=run_record({**settings, "dataset": dataset.name, "data_root": str(dataset.root),
+                             "split": dataset.split}),
+    )
+    return result

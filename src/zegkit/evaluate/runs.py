@@ -1,0 +1,221 @@
+"""Runs: what `zegkit eval` calls — build a method's segmenter under a protocol, evaluate it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from zegkit.data.base import SegmentationDataset
+from zegkit.distributed import init_distributed
+from zegkit.evaluate.loop import evaluate
+from zegkit.evaluate.report import run_record, save_results
+
+# What building a method's segmenter raises when the method cannot run here (run_eval_all).
+BUILD_ERRORS = (FileNotFoundError, ImportError, RuntimeError, ValueError)
+
+
+def _protocol_for(dataset: SegmentationDataset, protocol: str | None):
+    from zegkit.data.protocols import default_protocol, get_protocol
+
+    if protocol is None:
+        return default_protocol(dataset.name)
+    chosen = get_protocol(protocol)
+    if chosen.dataset != dataset.name:
+        raise ValueError(
+            f"Protocol {chosen.name!r} is for dataset {chosen.dataset!r}, not {dataset.name!r}; "
+            f"pick a {dataset.name} protocol (zegkit.data.protocols.list_protocols())."
+        )
+    return chosen
+
+
+def _model_or_default(model: str | os.PathLike | None) -> str | os.PathLike:
+    """`model`, or the default CLIP (imported here: `zegkit.backbone` pulls in transformers)."""
+    if model is not None:
+        return model
+    from zegkit.backbone import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def evaluate_method(
+    dataset: SegmentationDataset,
+    method: str = "sclip",
+    model: str | os.PathLike | None = None,
+    *,
+    protocol: str | None = None,
+    device: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+    num_workers: int = 2,
+    progress: bool = True,
+    limit: int | None = None,
+    **overrides: object,
+) -> dict:
+    """Build a segmenter for `method` under a protocol and evaluate it on `dataset`.
+
+    The protocol (default: the dataset's, see `zegkit.data.protocols.DEFAULT_PROTOCOLS`) sets the
+    InferenceConfig fields it defines and the seen/unseen split; `overrides` (InferenceConfig
+    fields or method settings, None values ignored) win over it.
+
+    Args:
+        dataset: from `zegkit.data.load_dataset`.
+        method: a name from `zegkit.list_methods()`.
+        model: CLIP weights (hub id, directory, checkpoint file or shipped short name);
+            None: `zegkit.backbone.DEFAULT_MODEL`.
+        protocol: a protocol name, or None for the dataset's default.
+        device: where to run (default: the distributed context's device, else CPU/CUDA).
+        checkpoint, checkpoint_every, num_workers, progress, limit: as in `evaluate`.
+        **overrides: e.g. logit_scale=50, refine="pamr", precision="bf16".
+
+    Returns:
+        The `evaluate` result; its "settings" record method, model, protocol and the
+        inference configuration used.
+    """
+    prepared = _prepare(dataset, method, _model_or_default(model), protocol, device, overrides)
+    return _evaluate_prepared(
+        prepared, dataset, progress=progress, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, num_workers=num_workers, limit=limit,
+    )
+
+
+@dataclass
+class _Prepared:
+    segmenter: object
+    settings: dict
+    seen: list[int] | None
+    unseen: list[int] | None
+
+
+def _prepare(
+    dataset: SegmentationDataset,
+    method: str,
+    model: str | os.PathLike,
+    protocol: str | None,
+    device: str | None,
+    overrides: Mapping[str, object],
+) -> _Prepared:
+    """Load the segmenter a protocol asks for (the step that fails for missing weights)."""
+    from zegkit.segmenter import load_segmenter
+
+    chosen = _protocol_for(dataset, protocol)
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    device = device or init_distributed().device
+    inference = None
+    if chosen is not None:
+        from zegkit.inference import InferenceConfig
+
+        inference = InferenceConfig(**chosen.inference_overrides())
+    segmenter = load_segmenter(method, model, device=device, inference=inference, **overrides)
+    seen, unseen = (None, None) if chosen is None else chosen.split_indices(dataset.class_names)
+    settings = {
+        "method": method,
+        "model": str(model),
+        "protocol": None if chosen is None else chosen.name,
+        "protocol_settings": None if chosen is None else chosen.to_dict(),
+        "inference": asdict(segmenter.config),
+        "overrides": overrides,
+        "device": str(device),
+    }
+    return _Prepared(segmenter, settings, seen, unseen)
+
+
+def _evaluate_prepared(prepared: _Prepared, dataset: SegmentationDataset, **kwargs) -> dict:
+    return evaluate(prepared.segmenter, dataset, settings=prepared.settings,
+                    seen=prepared.seen, unseen=prepared.unseen, **kwargs)
+
+
+def run_eval(
+    dataset: str,
+    data_root: str | os.PathLike,
+    *,
+    split: str = "val",
+    output: str | os.PathLike | None = None,
+    **kwargs: object,
+) -> dict:
+    """`zegkit eval` for one method: load the dataset, evaluate, save JSON on rank 0.
+
+    Args:
+        dataset: a `zegkit.data.load_dataset` name.
+        data_root: its root folder.
+        split: the dataset split.
+        output: JSON file for the result (written by rank 0 only, atomically).
+        **kwargs: `evaluate_method` arguments (method, model, protocol, device, checkpoint, ...).
+
+    Returns:
+        The result (identical on every rank).
+    """
+    from zegkit.data.datasets import load_dataset
+
+    context = init_distributed(kwargs.pop("device", None))
+    data = load_dataset(dataset, data_root, split)
+    result = evaluate_method(data, device=context.device, **kwargs)
+    if output is not None and context.is_main:
+        save_results(output, result)
+    return result
+
+
+def method_checkpoint(checkpoint: str | os.PathLike | None, method: str) -> Path | None:
+    """Per-method checkpoint path for `--method all`: run.pt -> run.<method>.pt."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint).expanduser()
+    return path.with_name(f"{path.stem}.{method}{path.suffix}")
+
+
+def run_eval_all(
+    dataset: str,
+    data_root: str | os.PathLike,
+    *,
+    methods: Sequence[str] | None = None,
+    split: str = "val",
+    output: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    **kwargs: object,
+) -> dict[str, dict]:
+    """`zegkit eval --method all`: every method (default: all of zegkit.methods.METHODS).
+
+    A method that cannot be built (weights not downloaded, an optional dependency missing, a
+    shared override it does not have) is recorded as {"error": message} and the others still
+    run; errors while evaluating are not caught. Print the outcome with `format_comparison`.
+
+    Args:
+        dataset, data_root, split: as in `run_eval`.
+        methods: the method names to run, in column order.
+        output: one JSON file holding {"results": {method: result}, "settings": ...}.
+        checkpoint: base checkpoint path; each method resumes from its own (`method_checkpoint`).
+        **kwargs: `evaluate_method` arguments shared by all methods (model, protocol, ...).
+
+    Returns:
+        {method: result or {"error": message}}.
+    """
+    from zegkit.data.datasets import load_dataset
+    from zegkit.methods import METHODS
+
+    names = list(METHODS) if methods is None else list(methods)
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; available: {sorted(METHODS)}.")
+    context = init_distributed(kwargs.pop("device", None))
+    data = load_dataset(dataset, data_root, split)
+    run_keys = ("progress", "checkpoint_every", "num_workers", "limit")
+    run_args = {key: kwargs.pop(key) for key in run_keys if key in kwargs}
+    model = _model_or_default(kwargs.pop("model", None))
+    protocol = kwargs.pop("protocol", None)
+    _protocol_for(data, protocol)  # a wrong protocol fails once, before any method runs
+    results: dict[str, dict] = {}
+    for name in names:
+        try:
+            prepared = _prepare(data, name, model, protocol, context.device, kwargs)
+        except BUILD_ERRORS as error:  # e.g. weights not downloaded, a setting it lacks
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            continue
+        results[name] = _evaluate_prepared(
+            prepared, data, checkpoint=method_checkpoint(checkpoint, name), **run_args
+        )
+    if output is not None and context.is_main:
+        record = run_record({"dataset": dataset, "data_root": str(data_root), "split": split,
+                             "methods": names})
+        save_results(output, {"results": results, "settings": record})
+    return results
