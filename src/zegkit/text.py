@@ -35,7 +35,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -388,20 +388,36 @@ def _normalize(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def _encode_synonyms(backbone: TextEncoder, phrases: list[str], templates: tuple[str, ...],
-                     batch_size: int) -> Tensor:
-    """S x D template-ensembled, L2-normalised embeddings of `phrases` (float32, CPU)."""
+def ensemble_templates(encode: Callable[[list[str]], Tensor], phrases: Sequence[str],
+                       templates: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
+                       name: str = "the text encoder") -> Tensor:
+    """CLIP's prompt ensembling with any text encoder: each phrase in every template, the
+    L2-normalised prompt embeddings averaged per phrase and normalised again.
+
+    Args:
+        encode: list of N prompts -> (N, D) embeddings (not necessarily normalised), e.g. a
+            backbone's ``encode_text``; called without gradients, `batch_size` prompts at a time.
+        phrases: S phrases (class names or synonyms).
+        templates: T templates, each with one "{}".
+        batch_size: prompts per `encode` call.
+        name: what `encode` is, for error messages.
+
+    Returns:
+        S x D float32 CPU tensor, rows L2-normalised.
+
+    Raises:
+        RuntimeError: `encode` returned a wrong shape or non-finite values.
+    """
     prompts = [template.format(phrase) for phrase in phrases for template in templates]
     chunks = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         with torch.no_grad():
-            out = backbone.encode_text(batch)
+            out = encode(batch)
         if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != len(batch):
             raise RuntimeError(
-                f"{type(backbone).__name__}.encode_text returned "
-                f"{getattr(out, 'shape', type(out))} for {len(batch)} prompts; it must return a "
-                f"tensor of shape (N, D)."
+                f"{name} returned {getattr(out, 'shape', type(out))} for {len(batch)} prompts; "
+                f"it must return a tensor of shape (N, D)."
             )
         chunks.append(out.detach().float().cpu())
     per_prompt = torch.cat(chunks).view(len(phrases), len(templates), -1)  # (S, T, D)
@@ -409,10 +425,18 @@ def _encode_synonyms(backbone: TextEncoder, phrases: list[str], templates: tuple
     if not torch.isfinite(ensembled).all():
         bad = [phrases[i] for i in torch.nonzero(~torch.isfinite(ensembled).all(dim=1)).flatten()]
         raise RuntimeError(
-            f"The text encoder of {backbone.name!r} gave non-finite embeddings for {bad}; check "
-            f"the weights and the precision (run the text encoder in fp32)."
+            f"{name} gave non-finite embeddings for {bad}; check the weights and the precision "
+            f"(run the text encoder in fp32)."
         )
     return ensembled
+
+
+def _encode_synonyms(backbone: TextEncoder, phrases: list[str], templates: tuple[str, ...],
+                     batch_size: int) -> Tensor:
+    """S x D template-ensembled, L2-normalised embeddings of `phrases` (float32, CPU)."""
+    return ensemble_templates(backbone.encode_text, phrases, templates, batch_size,
+                              name=f"The text encoder of {backbone.name!r} "
+                                   f"({type(backbone).__name__}.encode_text)")
 
 
 def _class_means(synonym_embeddings: Tensor, class_index: Tensor, num_classes: int) -> Tensor:
@@ -613,6 +637,7 @@ __all__ = [
     "TextEmbeddings",
     "default_cache_dir",
     "encode_vocabulary",
+    "ensemble_templates",
     "parse_classes",
     "read_class_file",
     "reduce_synonym_logits",
