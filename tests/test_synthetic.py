@@ -1,5 +1,6 @@
 """The synthetic proving ground: determinism, exact masks, captions, on-disk layout."""
 
+import hashlib
 import json
 import re
 
@@ -23,6 +24,9 @@ from zegkit.data.synthetic import (
 )
 
 SIZE = 64  # small scenes keep the tests fast
+# sha256 of image, mask and captions of generate_scene([2024, 54], 448, version=1), recorded
+# when version 2 was added (it was the shipped example then)
+V1_SCENE_SHA256 = "d4602d949e8671f5136017e9e2eb9c68dd78b78c72900d8bd5d2f7b9752c2b06"
 
 
 def _mentions(caption: str, name: str) -> bool:
@@ -60,14 +64,57 @@ def test_scene_types_and_shapes():
 def test_mask_is_the_drawn_shape(shape):
     background = np.full((SIZE, SIZE), CLASS_ID["sand"], np.uint8)
     thing = Thing(shape, "red", center=(30.3, 33.7), radius=17.0, angle=0.4)
-    scene = compose_scene(0, background, [thing])
+    scene = compose_scene(0, background, [thing], version=1)
     drawn = shape_mask(shape, thing.center, thing.radius, thing.angle, SIZE)
     expected = np.where(drawn, CLASS_ID[shape], CLASS_ID["sand"])
     np.testing.assert_array_equal(scene.mask, expected)
     assert scene.present_classes == ["sand", shape]
-    # the red paint is exactly where the mask says
+    # version 1: the red paint is exactly where the mask says
     red = scene.image[..., 0].astype(int) - scene.image[..., 2].astype(int)
     assert red[drawn].mean() > red[~drawn].mean() + 60
+
+
+@pytest.mark.parametrize("shape", THINGS)
+def test_version_2_paints_the_class_material(shape):
+    background = np.full((SIZE, SIZE), CLASS_ID["snow"], np.uint8)
+    thing = Thing(shape, "ignored", center=(31.0, 32.0), radius=22.0, angle=0.3)
+    scene = compose_scene(0, background, [thing], version=2)
+    drawn = shape_mask(shape, thing.center, thing.radius, thing.angle, SIZE)
+    np.testing.assert_array_equal(scene.mask == CLASS_ID[shape], drawn)
+    # every drawn pixel is nearest (in RGB) to one of the material's two colours, and both occur
+    palette = synthetic.MATERIALS[shape][0]
+    names = list(synthetic.COLOURS)
+    rgb = np.array([synthetic.COLOURS[n] for n in names], float)
+    pixels = scene.image[drawn].astype(float)
+    nearest = np.argmin(((pixels[:, None] - rgb[None]) ** 2).sum(-1), 1)
+    counts = {n: int((nearest == names.index(n)).sum()) for n in palette}
+    assert sum(counts.values()) >= 0.9 * drawn.sum(), (shape, counts)
+    assert min(counts.values()) >= 0.08 * drawn.sum(), (shape, counts)
+
+
+def test_materials_share_a_palette_by_at_most_two_classes():
+    assert set(synthetic.MATERIALS) == set(THINGS)
+    palettes: dict = {}
+    for palette, pattern in synthetic.MATERIALS.values():
+        assert set(palette) <= set(synthetic.COLOURS) and len(set(palette)) == 2
+        palettes.setdefault(tuple(sorted(palette)), []).append(pattern)
+    assert all(len(patterns) <= 2 for patterns in palettes.values())
+    patterns = [pattern for _, pattern in synthetic.MATERIALS.values()]
+    assert len(set(patterns)) == len(patterns)  # classes sharing a palette differ in pattern
+    # every pattern is two-toned over the thing: neither tone is rare
+    u, v = np.meshgrid(np.linspace(-1, 1, 101), np.linspace(-1, 1, 101))
+    inside = np.hypot(u, v) <= 1
+    for pattern in patterns:
+        tone = synthetic._pattern(pattern, u, v, synthetic.PATTERN_PERIOD, 0.3)[inside]
+        assert 0.15 < tone.mean() < 0.85, pattern
+
+
+def test_version_1_stays_reproducible():
+    """Golden hash of a version-1 scene (the README's example before version 2)."""
+    scene = generate_scene([2024, 54], 448, version=1)
+    digest = hashlib.sha256(scene.image.tobytes() + scene.mask.tobytes()
+                            + "|".join(scene.captions).encode()).hexdigest()
+    assert digest == V1_SCENE_SHA256
 
 
 def test_later_things_occlude_earlier_ones():
@@ -92,18 +139,42 @@ def test_shape_areas_are_geometric():
     assert abs(half_out - disk / 2) < 0.05 * disk
 
 
-def test_masks_present_classes_and_captions_agree():
+@pytest.mark.parametrize("version", synthetic.VERSIONS)
+def test_masks_present_classes_and_captions_agree(version):
     for seed in range(25):
-        scene = generate_scene([11, seed], SIZE)
+        scene = generate_scene([11, seed], SIZE, version=version)
         in_mask = {CLASSES[i] for i in np.unique(scene.mask)}
         assert in_mask == set(scene.present_classes)
         assert scene.present_classes == sorted(scene.present_classes, key=CLASSES.index)
         assert set(scene.present_classes) & set(STUFF)
         for caption in scene.captions:
+            shapes_only = not any(_mentions(caption, name) for name in STUFF)
+            assert not shapes_only or (version >= 2 and in_mask & set(THINGS)), caption
             for name in scene.present_classes:
-                assert _mentions(caption, name), (caption, name)
+                assert _mentions(caption, name) or (shapes_only and name in STUFF), (caption, name)
             for name in set(CLASSES) - in_mask:
                 assert not _mentions(caption, name), (caption, name)
+
+
+def test_version_2_captions_make_the_shape_words_necessary():
+    colour_words = "|".join(synthetic.COLOURS)
+    thing_words = "|".join(THINGS)
+    coloured = re.compile(rf"\b({colour_words}) ({thing_words})(e?s)?\b")
+    captions = {1: [], 2: []}
+    for version in synthetic.VERSIONS:
+        for seed in range(150):
+            scene = generate_scene([12, seed], 48, version=version)
+            if set(scene.present_classes) & set(THINGS):
+                captions[version] += scene.captions
+
+    def shapes_only(caption):
+        return not any(_mentions(caption, name) for name in STUFF)
+
+    def share(version, test):
+        return np.mean([bool(test(c)) for c in captions[version]])
+
+    assert share(1, shapes_only) == 0 and 0.35 < share(2, shapes_only) < 0.65
+    assert share(1, coloured.search) > 0.5 and share(2, coloured.search) < 0.15
 
 
 def test_write_dataset_layout(tmp_path):
@@ -138,6 +209,7 @@ def test_cli_writes_dataset(tmp_path, capsys):
         (lambda: generate_scene(0, 16), "at least 32"),
         (lambda: generate_scene("seed"), "numpy Generator"),
         (lambda: generate_scene(0, 64, zoom=10), "zoom"),
+        (lambda: generate_scene(0, 64, version=7), "Unknown generator version"),
         (lambda: shape_mask("blob", (5, 5), 3, 0, 64), "Unknown shape"),
         (lambda: write_dataset("/tmp/never", num=0), "num must be"),
         (lambda: compose_scene(0, np.full((40, 40), CLASS_ID["star"], np.uint8), []),

@@ -2,10 +2,11 @@
 
 Every scene is a deterministic function of its seed (a `numpy.random.Generator` is threaded
 through; there is no global random state). A scene has a background of "stuff" regions (textures:
-photographic ones that scikit-image ships offline, and procedural ones) and a few "things" (flat
-shaded shapes of a random colour, size and rotation, partly occluding each other). A class is a
-*category name* a CLIP can learn from captions ("star", "brick"); colour and size are attributes
-that appear in captions only.
+photographic ones that scikit-image ships offline, and procedural ones) and a few "things" (shapes
+of random size and rotation, partly occluding each other, each made of its class's "material": a
+palette shared by at most two classes and a class-specific surface pattern; version 1 painted them
+flat in a random colour). A class is a *category name* a CLIP can learn from captions ("star",
+"brick"); colour and size are attributes that appear in captions only.
 
 On-disk layout written by `write_dataset(root, num, seed, size)` (ids are `f"{i:06d}"`)::
 
@@ -38,7 +39,14 @@ from PIL import Image
 
 from zegkit.io import atomic_write, save_json_atomic, save_png_atomic
 
-GENERATOR_VERSION = 1  # bump when the same seed would give different scenes
+# Bump when the same seed would give different scenes; every older version stays reproducible
+# through the `version` argument of `generate_scene` / `write_dataset`.
+#   1: things are flat colour (their class shows only in the outline); captions name colours.
+#   2: things are made of a class "material" (a palette shared by at most two classes and a
+#      class-specific surface pattern drawn in the thing's frame), as real objects have a local
+#      look; about half the captions name the shapes only, colour words on things are rare.
+GENERATOR_VERSION = 2
+VERSIONS = (1, 2)
 
 # --- the vocabulary ---------------------------------------------------------------------------
 STUFF = ("sky", "water", "sand", "grass", "brick", "gravel", "snow", "wood", "rock")
@@ -68,6 +76,29 @@ COLOURS = {
     "black": (25, 25, 25),
     "cyan": (30, 200, 220),
 }
+
+# Generator v2: each thing class's material, ((colour, pattern colour), pattern). Every palette
+# is shared by at most two classes, so that colour alone never names a class, and the pattern
+# (drawn in the thing's own frame, so it turns and scales with the thing) tells the two apart.
+# Why: with flat colour a thing's class shows only in its outline, and at this scale neither a
+# tiny ViT nor a small CNN learns silhouettes (measured: presence AUC of the shapes ~0.5 even
+# trained on class labels directly); a thing touches ~11 patches but fills ~1. The first colour
+# is the thing's `colour` (its caption word).
+MATERIALS = {
+    "star": (("yellow", "red"), "sectors"),
+    "arrow": (("yellow", "red"), "chevrons"),
+    "ring": (("white", "blue"), "spokes"),
+    "hexagon": (("white", "blue"), "dots"),
+    "disk": (("green", "pink"), "target"),
+    "heart": (("green", "pink"), "stripes"),
+    "square": (("purple", "orange"), "checker"),
+    "crescent": (("purple", "orange"), "diagonal"),
+    "triangle": (("black", "cyan"), "grid"),
+    "cross": (("black", "cyan"), "waves"),
+    "flower": (("orange", "blue"), "spiral"),
+}
+PATTERN_PERIOD = 0.42  # pattern period in units of the thing's radius (~13 px at radius 30)
+PATTERN_SCALE_JITTER = (0.85, 1.2)  # per-thing random factor on the period
 
 # Thing radius as a fraction of the short side, before `zoom`; "small"/"large" in captions below
 # and above these fractions.
@@ -358,6 +389,13 @@ def shape_mask(shape: str, center: tuple[float, float], radius: float, angle: fl
 
 def _shape_box(shape, center, radius, angle):
     """The shape rasterised on its own (unclipped) bounding box: (box, (y0, x0))."""
+    u, v, corner = _shape_frame(center, radius, angle)
+    return _inside(shape, u, v), corner
+
+
+def _shape_frame(center, radius, angle):
+    """Coordinates (u, v) of each pixel of the shape's bounding box in the shape's unit frame
+    (radius 1, rotated with the shape), and the box's top-left corner (y0, x0)."""
     cx, cy = center
     reach = int(np.ceil(1.2 * radius)) + 1
     y0, x0 = int(np.floor(cy)) - reach, int(np.floor(cx)) - reach
@@ -367,7 +405,7 @@ def _shape_box(shape, center, radius, angle):
     cos, sin = np.cos(angle), np.sin(angle)
     u = (cos * dx - sin * dy) / radius  # rotate the pixel into the shape's frame
     v = (sin * dx + cos * dy) / radius
-    return _inside(shape, u, v), (y0, x0)
+    return u, v, (y0, x0)
 
 
 def _paste(mask: np.ndarray, box: np.ndarray, y0: int, x0: int) -> None:
@@ -390,8 +428,12 @@ class Thing:
 
 
 def sample_things(rng: np.random.Generator, size: int | tuple[int, int],
-                  zoom: float = 1.0) -> list[Thing]:
-    """Random things, bottom to top, each at least MIN_VISIBLE visible after occlusion."""
+                  zoom: float = 1.0, version: int = GENERATOR_VERSION) -> list[Thing]:
+    """Random things, bottom to top, each at least MIN_VISIBLE visible after occlusion.
+
+    A thing's colour is random in version 1 and its material's first colour from version 2.
+    """
+    _check_version(version)
     h, w = _hw(size)
     count = int(rng.choice(len(THING_COUNT_WEIGHTS), p=THING_COUNT_WEIGHTS))
     placed: list[Thing] = []
@@ -405,7 +447,7 @@ def sample_things(rng: np.random.Generator, size: int | tuple[int, int],
         limit = MAX_ROTATION.get(name, np.pi)
         thing = Thing(
             name=name,
-            colour=str(rng.choice(list(COLOURS))),
+            colour=str(rng.choice(list(COLOURS))) if version == 1 else MATERIALS[name][0][0],
             center=(float(rng.uniform(0.1, 0.9) * w), float(rng.uniform(0.1, 0.9) * h)),
             radius=radius,
             angle=float(rng.uniform(-limit, limit)),
@@ -445,6 +487,75 @@ def _shade_thing(rng: np.random.Generator, colour: str, h: int, w: int) -> np.nd
     return np.clip(base * light[..., None], 0, 1)
 
 
+def _pattern(name: str, u: np.ndarray, v: np.ndarray, period: float, phase: float) -> np.ndarray:
+    """A two-tone surface pattern in the thing's frame: (h, w) bool, True = pattern colour.
+
+    Args:
+        name: a pattern of MATERIALS.
+        u, v: the pixel's coordinates in the thing's unit frame (see `_shape_frame`).
+        period: repeat length in frame units.
+        phase: offset in periods (0..1), so that two things of a class are not pixel-identical.
+    """
+    r, theta = np.hypot(u, v), np.arctan2(v, u)
+    wave = 2 * np.pi / period
+    if name == "stripes":
+        return np.sin(wave * u + 2 * np.pi * phase) > 0
+    if name == "diagonal":
+        return np.sin(wave * (u + v) / np.sqrt(2) + 2 * np.pi * phase) > 0
+    if name == "checker":
+        return (np.floor(u / period + phase) + np.floor(v / period + phase)) % 2 == 0
+    if name == "dots":  # a hexagonal lattice of dots
+        a, b = u / period + phase, v / (period * np.sqrt(3) / 2)
+        row = np.floor(b + 0.5)
+        a = a + 0.5 * (row % 2)
+        return np.hypot(a - np.floor(a + 0.5), (b - row) * np.sqrt(3) / 2) < 0.3
+    if name == "target":
+        return np.sin(wave * r + 2 * np.pi * phase) > 0
+    if name == "sectors":
+        return np.cos(5 * theta) > 0
+    if name == "spokes":
+        return np.cos(8 * theta + 2 * np.pi * phase) > 0
+    if name == "chevrons":
+        return np.sin(wave * (u + 0.9 * np.abs(v)) + 2 * np.pi * phase) > 0
+    if name == "grid":
+        return (np.abs((u / period + phase) % 1 - 0.5) < 0.17) | (
+            np.abs((v / period + phase) % 1 - 0.5) < 0.17)
+    if name == "waves":
+        return np.sin(wave * (v + 0.18 * np.sin(2 * np.pi * u / (1.5 * period)))
+                      + 2 * np.pi * phase) > 0
+    if name == "spiral":
+        return np.cos(2 * theta - wave * r + 2 * np.pi * phase) > 0
+    raise ValueError(f"Unknown pattern {name!r}; the patterns are "
+                     f"{sorted({m[1] for m in MATERIALS.values()})}.")
+
+
+def _material_thing(rng: np.random.Generator, name: str, u: np.ndarray,
+                    v: np.ndarray) -> np.ndarray:
+    """Version-2 paint of thing class `name`: its material's two colours in its pattern, with a
+    soft light gradient and a little noise, (h, w, 3) in [0, 1] over the thing's box."""
+    (colour, accent), pattern = MATERIALS[name]
+    period = PATTERN_PERIOD * rng.uniform(*PATTERN_SCALE_JITTER)
+    tone = _pattern(pattern, u, v, period, rng.uniform())
+    base = _jitter(rng, np.asarray(COLOURS[colour], np.float32) / 255.0, 0.04)
+    other = _jitter(rng, np.asarray(COLOURS[accent], np.float32) / 255.0, 0.04)
+    paint = np.where(tone[..., None], other, base).astype(np.float32)
+    h, w = u.shape
+    direction = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(direction) * np.arange(w, dtype=np.float32)[None, :] / w
+            + np.sin(direction) * np.arange(h, dtype=np.float32)[:, None] / h)
+    ramp *= rng.uniform(0.1, 0.3)
+    light = 0.9 + ramp - ramp.mean() + 0.02 * rng.standard_normal((h, w), dtype=np.float32)
+    return np.clip(paint * light[..., None], 0, 1)
+
+
+def _check_version(version: int) -> None:
+    if version not in VERSIONS:
+        raise ValueError(
+            f"Unknown generator version {version!r}; the versions are {list(VERSIONS)} "
+            f"(the current one is {GENERATOR_VERSION})."
+        )
+
+
 # --- captions -----------------------------------------------------------------------------------
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 STUFF_PHRASES = {
@@ -472,8 +583,23 @@ def join_words(parts: Sequence[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _thing_phrases(rng: np.random.Generator, things: Sequence[Thing], short: int) -> list[str]:
-    """Noun phrases for the visible things, grouped by class: 'a small red star', 'two rings'."""
+# Generator v2 captions: P(a caption names only the shapes, "two stars and a ring."): without
+# such captions a natural caption identifies its image in a batch of 96 from background, colour
+# and count words 94% of the time, and the shape words are never needed (measured on v1).
+SHAPES_ONLY_PROB = 0.5
+COLOUR_WORD_PROB = {1: 0.8, 2: 0.1}  # P(a thing's phrase names its colour), per version
+SHAPES_ONLY_FORMS = ("{}.", "a photo of {}.", "there is {}.", "{} in the picture.",
+                     "a picture of {}.")
+
+
+def _thing_phrases(rng: np.random.Generator, things: Sequence[Thing], short: int,
+                   colour_prob: float = COLOUR_WORD_PROB[1],
+                   exact_counts: bool = False) -> list[str]:
+    """Noun phrases for the visible things, grouped by class: 'a small red star', 'two rings'.
+
+    `colour_prob` is the probability that a phrase names the colour. With `exact_counts` (from
+    version 2) a group of one colour is always counted; version 1 sometimes wrote "a red star"
+    for two red stars, kept so that version-1 captions stay reproducible."""
     phrases = []
     for name in dict.fromkeys(thing.name for thing in things):
         group = [thing for thing in things if thing.name == name]
@@ -483,13 +609,13 @@ def _thing_phrases(rng: np.random.Generator, things: Sequence[Thing], short: int
             radius = group[0].radius / short
             if rng.random() < 0.35 and (radius < SMALL_RADIUS or radius > LARGE_RADIUS):
                 words.append("small" if radius < SMALL_RADIUS else "large")
-            if rng.random() < 0.8:
+            if rng.random() < colour_prob:
                 words.append(group[0].colour)
             words.append(name)
             phrases.append(f"{article(words[0])} {' '.join(words)}")
-        elif len(colours) == 1 and rng.random() < 0.8:
+        elif len(colours) == 1 and rng.random() < colour_prob:
             phrases.append(f"{NUMBER_WORDS[len(group)]} {colours[0]} {plural(name)}")
-        elif rng.random() < 0.5:
+        elif rng.random() < 0.5 or (exact_counts and len(colours) == 1):
             phrases.append(f"{NUMBER_WORDS[len(group)]} {plural(name)}")
         else:
             phrases.append(join_words([f"{article(c)} {c} {name}" for c in colours]))
@@ -498,15 +624,26 @@ def _thing_phrases(rng: np.random.Generator, things: Sequence[Thing], short: int
 
 
 def make_captions(rng: np.random.Generator, stuff: Sequence[str], things: Sequence[Thing],
-                  short: int, count: int = 3) -> list[str]:
-    """`count` different natural captions, each naming every stuff class and every thing."""
+                  short: int, count: int = 3, version: int = GENERATOR_VERSION) -> list[str]:
+    """`count` different natural captions, each naming every thing and (unless it names the
+    shapes only, a version-2 caption with probability SHAPES_ONLY_PROB) every stuff class."""
+    _check_version(version)
     captions: list[str] = []
     for _ in range(count * 4):
         if len(captions) == count:
             break
+        if version >= 2 and things and rng.random() < SHAPES_ONLY_PROB:
+            shapes = join_words(_thing_phrases(rng, things, short, 0.0, exact_counts=True))
+            caption = str(rng.choice(SHAPES_ONLY_FORMS)).format(shapes)
+            caption = caption[0].upper() + caption[1:] if rng.random() < 0.3 else caption
+            if caption not in captions:
+                captions.append(caption)
+            continue
         ground = [s for s in stuff if s != "sky"]
         stuff_words = {s: str(rng.choice(STUFF_PHRASES[s])) for s in stuff}
-        things_text = join_words(_thing_phrases(rng, things, short)) if things else ""
+        things_text = join_words(_thing_phrases(
+            rng, things, short, COLOUR_WORD_PROB[version], exact_counts=version >= 2)
+        ) if things else ""
         ground_text = join_words([stuff_words[s] for s in ground]) if ground else ""
         all_stuff = join_words([stuff_words[s] for s in rng.permutation(list(stuff))])
         options = []
@@ -536,7 +673,8 @@ class Scene:
     Attributes:
         image: (H, W, 3) uint8 RGB.
         mask: (H, W) uint8, class ids into CLASSES (IGNORE_INDEX reserved, unused).
-        captions: 2-3 natural captions, each naming every class in the scene.
+        captions: 2-3 natural captions, each naming every thing in the scene and, unless it
+            names the shapes only (version 2), every stuff class.
         present_classes: names of the classes in `mask`, in CLASSES order.
         things: the placed shapes, bottom to top.
     """
@@ -549,7 +687,8 @@ class Scene:
 
 
 def compose_scene(rng_or_seed, stuff_map: np.ndarray, things: Sequence[Thing],
-                  zoom: float = 1.0, captions: int = 3) -> Scene:
+                  zoom: float = 1.0, captions: int = 3,
+                  version: int = GENERATOR_VERSION) -> Scene:
     """Render a given layout: textures into the stuff regions, then the things bottom to top.
 
     Args:
@@ -558,10 +697,13 @@ def compose_scene(rng_or_seed, stuff_map: np.ndarray, things: Sequence[Thing],
         things: shapes to draw, bottom to top (see `Thing`).
         zoom: texture scale (> 1 = closer).
         captions: how many captions to write.
+        version: generator version (see GENERATOR_VERSION): 1 paints each thing flat in its
+            `colour`; 2 paints it in its class's material (MATERIALS), whatever its `colour`.
 
     Returns:
         The scene; its mask equals `stuff_map` overwritten by each thing's `shape_mask` in order.
     """
+    _check_version(version)
     rng = _rng(rng_or_seed)
     stuff_map = np.asarray(stuff_map)
     if stuff_map.ndim != 2 or not np.isin(stuff_map, [CLASS_ID[s] for s in STUFF]).all():
@@ -577,7 +719,8 @@ def compose_scene(rng_or_seed, stuff_map: np.ndarray, things: Sequence[Thing],
         np.copyto(image, texture, where=(stuff_map == class_id)[..., None])
     drawn = []
     for thing in things:
-        box, (y0, x0) = _shape_box(thing.name, thing.center, thing.radius, thing.angle)
+        u, v, (y0, x0) = _shape_frame(thing.center, thing.radius, thing.angle)
+        box = _inside(thing.name, u, v)
         # the part of the box inside the frame
         ya, xa = max(y0, 0), max(x0, 0)
         yb, xb = min(y0 + box.shape[0], h), min(x0 + box.shape[1], w)
@@ -590,7 +733,11 @@ def compose_scene(rng_or_seed, stuff_map: np.ndarray, things: Sequence[Thing],
             _paste(shadow, box, y0 + offset, x0 + offset)
             shadow[ya:yb, xa:xb] &= ~inside
             image[shadow] *= 0.6
-        paint = _shade_thing(rng, thing.colour, yb - ya, xb - xa)
+        if version == 1:
+            paint = _shade_thing(rng, thing.colour, yb - ya, xb - xa)
+        else:
+            frame = (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
+            paint = _material_thing(rng, thing.name, u[frame], v[frame])
         np.copyto(image[ya:yb, xa:xb], paint, where=inside[..., None])
         mask[ya:yb, xa:xb][inside] = CLASS_ID[thing.name]
         drawn.append(thing)
@@ -601,35 +748,38 @@ def compose_scene(rng_or_seed, stuff_map: np.ndarray, things: Sequence[Thing],
     present = [CLASSES[i] for i in ids]
     visible = [t for t in drawn if t.name in present]
     stuff = sorted((s for s in present if s in STUFF), key=lambda s: -(mask == CLASS_ID[s]).sum())
-    return Scene(image, mask, make_captions(rng, stuff, visible, min(h, w), captions), present,
-                 list(drawn))
+    return Scene(image, mask, make_captions(rng, stuff, visible, min(h, w), captions, version),
+                 present, list(drawn))
 
 
 def generate_scene(rng_or_seed: int | Sequence[int] | np.random.Generator,
-                   size: int | tuple[int, int] = 224, zoom: float = 1.0) -> Scene:
-    """Generate one random scene, deterministic given the seed.
+                   size: int | tuple[int, int] = 224, zoom: float = 1.0,
+                   version: int = GENERATOR_VERSION) -> Scene:
+    """Generate one random scene, deterministic given the seed and the version.
 
     Args:
         rng_or_seed: an int, a sequence of ints (e.g. `[seed, index]`) or a numpy Generator.
         size: image size in pixels, int (square) or (H, W); at least 32.
         zoom: scale of things and textures relative to the frame (1 = default; 2 = as if a
             half-size crop of a scene were shown at full size).
+        version: generator version (see GENERATOR_VERSION); older ones stay reproducible.
 
     Returns:
         Scene with image, exact mask, 3 captions and the present classes.
     """
     if not 0.25 <= zoom <= 4:
         raise ValueError(f"zoom must be in [0.25, 4], got {zoom}.")
+    _check_version(version)
     rng = _rng(rng_or_seed)
     h, w = _hw(size)
     stuff_map = sample_stuff_layout(rng, (h, w), zoom)
-    things = sample_things(rng, (h, w), zoom)
-    return compose_scene(rng, stuff_map, things, zoom)
+    things = sample_things(rng, (h, w), zoom, version)
+    return compose_scene(rng, stuff_map, things, zoom, version=version)
 
 
 # --- writing a dataset --------------------------------------------------------------------------
 def write_dataset(out_dir: str | os.PathLike, num: int, seed: int = 0, size: int = 224,
-                  progress: bool = False) -> Path:
+                  progress: bool = False, version: int = GENERATOR_VERSION) -> Path:
     """Write `num` scenes in the layout of the module docstring; each file written atomically.
 
     Args:
@@ -638,6 +788,7 @@ def write_dataset(out_dir: str | os.PathLike, num: int, seed: int = 0, size: int
         seed: dataset seed; scene i uses `np.random.default_rng([seed, i])`.
         size: square image size in pixels (>= 32).
         progress: print one line per 100 scenes.
+        version: generator version (recorded in meta.json).
 
     Returns:
         The dataset root.
@@ -647,6 +798,7 @@ def write_dataset(out_dir: str | os.PathLike, num: int, seed: int = 0, size: int
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
     _hw(size)
+    _check_version(version)
     root = Path(out_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
@@ -656,7 +808,7 @@ def write_dataset(out_dir: str | os.PathLike, num: int, seed: int = 0, size: int
     save_json_atomic(split, root / "split.json")
     lines = []
     for index in range(num):
-        scene = generate_scene(np.random.default_rng([seed, index]), size)
+        scene = generate_scene(np.random.default_rng([seed, index]), size, version=version)
         stem = f"{index:06d}"
         save_png_atomic(Image.fromarray(scene.image), root / "images" / f"{stem}.png")
         save_png_atomic(Image.fromarray(scene.mask), root / "masks" / f"{stem}.png")
@@ -666,7 +818,7 @@ def write_dataset(out_dir: str | os.PathLike, num: int, seed: int = 0, size: int
             print(f"synth: {index + 1}/{num} scenes -> {root}", flush=True)
     with atomic_write(root / "captions.jsonl", "w") as handle:
         handle.write("\n".join(lines) + "\n")
-    meta = {"generator": "zegkit.data.synthetic", "version": GENERATOR_VERSION, "seed": seed,
+    meta = {"generator": "zegkit.data.synthetic", "version": version, "seed": seed,
             "num": num, "size": size}
     save_json_atomic(meta, root / "meta.json")
     return root
@@ -680,11 +832,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
     parser.add_argument("--size", type=int, default=224,
                         help="square image size in pixels (default: 224)")
+    parser.add_argument("--version", type=int, default=GENERATOR_VERSION, choices=VERSIONS,
+                        help=f"generator version (default: {GENERATOR_VERSION})")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `zegkit synth` with parsed arguments; returns the exit code."""
-    root = write_dataset(args.out, args.num, args.seed, args.size, progress=True)
+    root = write_dataset(args.out, args.num, args.seed, args.size, progress=True,
+                         version=args.version)
     print(f"synth: wrote {args.num} scenes ({len(CLASSES)} classes, {len(UNSEEN)} unseen) "
           f"to {root}")
     return 0
