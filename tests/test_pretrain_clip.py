@@ -1,11 +1,14 @@
 """Tiny-CLIP pretraining: a few steps of a tiny config learn, save, load and resume exactly."""
 
 import argparse
+import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPModel, CLIPTokenizer
 
+from zegkit.data import synthetic
 from zegkit.train import pretrain_clip as pc
 
 # A model small enough to train a few steps in a second or two: 64-pixel images, 4x4 patches.
@@ -16,6 +19,8 @@ TINY = dict(image_size=64, low_res=32, low_res_fraction=0.5, width=32, layers=2,
 
 def _run(out, steps=4, **kwargs):
     settings = {**TINY, **kwargs}
+    settings.setdefault("curve_every", 2)
+    settings.setdefault("curve_scenes", 4)
     return pc.pretrain_clip(out, steps=steps, batch_size=6, seed=0, num_workers=0,
                             checkpoint_every=1, log_every=1, **settings)
 
@@ -45,10 +50,16 @@ def test_pretrain_saves_a_loadable_clip(tmp_path):
     words = tokenizer.decode(ids, skip_special_tokens=True).split()
     assert words[:5] == ["a", "photo", "of", "a", "star"]
     metrics = result["metrics"]
-    for key in ("top1_present", "presence_auc", "naive_dense_miou", "naive_dense_pixel_acc"):
+    for key in ("top1_present", "presence_auc", "thing_cosine_mean"):
         assert 0.0 <= metrics[key] <= 1.0
+    for key in ("naive_dense_miou", "naive_dense_pixel_acc"):  # percent, as zegkit eval reports
+        assert 0.0 <= metrics[key] <= 100.0
+    assert [point["step"] for point in result["curve"]] == [2, 3]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["curve"] == result["curve"]
+    assert saved["config"]["generator_version"] == synthetic.GENERATOR_VERSION
     card = (tmp_path / "run" / "MODEL_CARD.md").read_text()
-    assert "`pytest`" in card and "top-1" in card
+    assert "`pytest`" in card and "top-1" in card and "## Training curve" in card
     assert not (tmp_path / "run" / pc.CHECKPOINT).exists()
     assert (tmp_path / "run" / "model.safetensors").exists()
 
@@ -65,6 +76,43 @@ def test_killed_run_resumes_to_the_same_state(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     # the resolution schedule: first half at low_res, then native
     assert [pc.PretrainConfig(steps=4, **TINY).resolution(s) for s in range(4)] == [32, 32, 64, 64]
+
+
+def test_presence_report_centres_out_a_score_common_to_all_shapes():
+    """One embedding for every shape: the common score falls with the number of classes in a
+    scene, so the plain AUC goes below 0.5; centred on the scene's mean thing score it is 0.5."""
+    rng = np.random.default_rng(0)
+    k, things = len(synthetic.CLASSES), [synthetic.CLASS_ID[c] for c in synthetic.THINGS]
+    present = rng.random((400, k)) < 0.25
+    common = -present.sum(1, keepdims=True).astype(float)  # crowded scenes score lower
+    scores = np.repeat(common, k, axis=1)
+    report = pc.presence_report(scores, present)
+    assert report["presence_auc_things"] < 0.45
+    assert report["presence_auc_things_centred"] == pytest.approx(0.5)
+    # a perfect shape detector: AUC 1 and single-shape top-1 1
+    perfect = pc.presence_report(present.astype(float), present)
+    assert perfect["presence_auc_things_centred"] > 0.95
+    assert perfect["single_shape_top1"] == 1.0
+    assert perfect["single_shape_scenes"] == int((present[:, things].sum(1) == 1).sum())
+
+
+def test_thing_text_similarity_names_the_closest_pair():
+    text = torch.eye(len(synthetic.CLASSES), 32)
+    star, ring = synthetic.CLASS_ID["star"], synthetic.CLASS_ID["ring"]
+    text[ring] = torch.nn.functional.normalize(text[star] + 0.1 * text[ring], dim=0)
+    report = pc.thing_text_similarity(text)
+    assert report["thing_cosine_max_pair"] == ["star", "ring"]
+    assert report["thing_cosine_max"] == pytest.approx(1 / np.sqrt(1.01), rel=1e-5)
+    assert report["thing_cosine_mean"] == pytest.approx(report["thing_cosine_max"] / 55, rel=1e-5)
+
+
+def test_supervised_probe_reports_presence_quality(tmp_path):
+    result = pc.supervised_probe(tmp_path, steps=2, batch_size=6, num_workers=0, eval_scenes=6,
+                                 **{k: v for k, v in TINY.items() if "text" not in k
+                                    and k not in ("vocab_size", "tokenizer_scenes")})
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    assert saved["steps"] == 2 and len(saved["losses"]) == 2 and saved["size"] == 64
+    assert 0.0 <= result["presence_auc_stuff"] <= 1.0
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path):

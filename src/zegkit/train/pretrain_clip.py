@@ -39,14 +39,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionModel
 
 from zegkit.backbone.tokenizer import MIN_VOCAB, check_tokenizer, train_clip_tokenizer
 from zegkit.backbone.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from zegkit.data import synthetic
 from zegkit.evaluate import confusion_matrix
+from zegkit.evaluate import metrics as segmentation_metrics
 from zegkit.io import atomic_write
-from zegkit.text import IMAGENET_TEMPLATES
+from zegkit.text import IMAGENET_TEMPLATES, ensemble_templates
 
 # Seed-sequence prefixes that keep the scene streams apart (and apart from `write_dataset`'s
 # two-element `[seed, i]`).
@@ -72,10 +73,12 @@ class PretrainConfig:
     zoom_min: float = 0.8  # scene zoom drawn log-uniformly in [zoom_min, zoom_max]: things as
     zoom_max: float = 2.0  # seen in whole scenes and in the 2x-magnified sliding-window crops
     template_prob: float = 0.2  # P(caption = an ImageNet template around all the class names)
-    # P(caption = the shapes only, "a star and two rings."): without it the loss is met by
-    # background and colour words alone and the shapes are never learned (tried: presence AUC of
-    # the shape classes stayed at chance)
-    things_prob: float = 0.35
+    # P(caption = the shapes only, "a star and two rings.", half in an ImageNet template): without
+    # such captions the loss is met by background and colour words alone and the shapes are never
+    # learned. Generator v2's own captions name the shapes only half the time, so that with 0.15
+    # here about half of all captions of scenes with things are shapes-only.
+    things_prob: float = 0.15
+    generator_version: int = synthetic.GENERATOR_VERSION  # scenes of zegkit.data.synthetic
     width: int = 192  # vision tower (DeiT-Tiny's width and heads)
     layers: int = 6
     heads: int = 3
@@ -106,6 +109,11 @@ class PretrainConfig:
             )
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}.")
+        if self.generator_version not in synthetic.VERSIONS:
+            raise ValueError(
+                f"generator_version must be one of {list(synthetic.VERSIONS)}, got "
+                f"{self.generator_version!r}."
+            )
         if not 0 < self.zoom_min <= self.zoom_max:
             raise ValueError(
                 f"Need 0 < zoom_min <= zoom_max, got {self.zoom_min} and {self.zoom_max}."
@@ -140,7 +148,7 @@ def tokenizer_corpus(cfg: PretrainConfig) -> list[str]:
     texts = []
     for index in range(cfg.tokenizer_scenes):
         rng = np.random.default_rng([TOKENIZER_STREAM, cfg.seed, index])
-        texts += synthetic.generate_scene(rng, 64).captions
+        texts += synthetic.generate_scene(rng, 64, version=cfg.generator_version).captions
     words = list(synthetic.CLASSES) + list(synthetic.COLOURS)
     texts += [template.format(word) for template in IMAGENET_TEMPLATES for word in words]
     return texts
@@ -167,11 +175,17 @@ def scene_to_tensor(image: np.ndarray) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def training_sample(cfg: PretrainConfig, index: int, size: int) -> tuple[np.ndarray, str]:
-    """Sample `index` of the training stream: (image, caption)."""
+def training_scene(cfg: PretrainConfig, index: int,
+                   size: int) -> tuple[synthetic.Scene, np.random.Generator]:
+    """Scene `index` of the training stream (random zoom), and the generator to go on with."""
     rng = np.random.default_rng([TRAIN_STREAM, cfg.seed, index])
     zoom = float(np.exp(rng.uniform(np.log(cfg.zoom_min), np.log(cfg.zoom_max))))
-    scene = synthetic.generate_scene(rng, size, zoom=zoom)
+    return synthetic.generate_scene(rng, size, zoom=zoom, version=cfg.generator_version), rng
+
+
+def training_sample(cfg: PretrainConfig, index: int, size: int) -> tuple[np.ndarray, str]:
+    """Sample `index` of the training stream: (image, caption)."""
+    scene, rng = training_scene(cfg, index, size)
     draw = rng.random()
     shapes = [t.name for t in scene.things if t.name in scene.present_classes]
     if draw < cfg.template_prob:
@@ -196,15 +210,21 @@ def shapes_caption(rng: np.random.Generator, shapes: Sequence[str]) -> str:
     return str(rng.choice(IMAGENET_TEMPLATES)).format(text) if templated else text + "."
 
 
+def presence_vector(present: Sequence[str]) -> np.ndarray:
+    """(K,) bool over synthetic.CLASSES: which classes are in the scene."""
+    return np.isin(np.asarray(synthetic.CLASSES), list(present))
+
+
 class SceneBatches(IterableDataset):
-    """Batches `start, start + 1, ...` of the training stream: (pixels (B,3,H,W), captions).
+    """Batches `start, start + 1, ...` of the training stream: (pixels (B,3,H,W), captions), or
+    with `labels` (pixels, (B, K) float presence targets over synthetic.CLASSES).
 
     With several DataLoader workers, worker k makes the batches b with b % workers == k; the
     DataLoader takes them round-robin, so the order is the same for any number of workers.
     """
 
-    def __init__(self, cfg: PretrainConfig, start: int, stop: int):
-        self.cfg, self.start, self.stop = cfg, start, stop
+    def __init__(self, cfg: PretrainConfig, start: int, stop: int, labels: bool = False):
+        self.cfg, self.start, self.stop, self.labels = cfg, start, stop, labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
         info = get_worker_info()
@@ -212,6 +232,13 @@ class SceneBatches(IterableDataset):
         for batch in range(self.start + worker, self.stop, workers):
             size = self.cfg.resolution(batch)
             first = batch * self.cfg.batch_size
+            if self.labels:
+                scenes = [training_scene(self.cfg, first + i, size)[0]
+                          for i in range(self.cfg.batch_size)]
+                yield (torch.stack([scene_to_tensor(scene.image) for scene in scenes]),
+                       torch.from_numpy(np.stack([presence_vector(scene.present_classes)
+                                                  for scene in scenes])).float())
+                continue
             samples = [training_sample(self.cfg, first + i, size)
                        for i in range(self.cfg.batch_size)]
             pixels = torch.stack([scene_to_tensor(image) for image, _ in samples])
@@ -274,16 +301,17 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, cfg: PretrainConfig,
-                    losses: list[float], elapsed: float) -> None:
+                    losses: list[float], elapsed: float, curve: list[dict] | None = None) -> None:
     _atomic_torch_save({
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
         "losses": losses, "elapsed": elapsed, "torch_rng": torch.get_rng_state(),
+        "curve": json.dumps(curve or []),
     }, path)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, cfg: PretrainConfig):
-    """Restore a checkpoint in place; returns (step, losses, elapsed seconds)."""
+    """Restore a checkpoint in place; returns (step, losses, elapsed seconds, curve)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["config"]
     changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
@@ -298,92 +326,258 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, cfg: PretrainConfig
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
-    return state["step"], list(state["losses"]), float(state["elapsed"])
+    return (state["step"], list(state["losses"]), float(state["elapsed"]),
+            json.loads(state.get("curve", "[]")))
 
 
 # --- evaluation ---------------------------------------------------------------------------------
 @torch.no_grad()
 def class_text_embeddings(model: CLIPModel, tokenizer, classes: Sequence[str],
                           templates: Sequence[str] = IMAGENET_TEMPLATES) -> torch.Tensor:
-    """(K, D) L2-normalised class embeddings, averaged over `templates`."""
-    embeddings = []
-    for name in classes:
-        tokens = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
-        features = model.get_text_features(**tokens).pooler_output
-        embeddings.append(F.normalize(F.normalize(features, dim=-1).mean(0), dim=-1))
-    return torch.stack(embeddings)
+    """(K, D) L2-normalised class embeddings, ensembled over `templates` exactly as
+    `zegkit.text.encode_vocabulary` does (one shared implementation, `ensemble_templates`)."""
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        return model.get_text_features(**tokens).pooler_output
+
+    return ensemble_templates(encode, classes, templates, name="the tiny CLIP's text tower")
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U), NaN when a label is constant."""
+    """Area under the ROC curve (Mann-Whitney U, ties counted half), NaN when a label is
+    constant."""
     positives, negatives = int(labels.sum()), int((~labels).sum())
     if positives == 0 or negatives == 0:
         return float("nan")
+    order = np.argsort(scores, kind="stable")
     ranks = np.empty(len(scores))
-    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    ranks[order] = np.arange(1, len(scores) + 1)
+    sorted_scores = scores[order]
+    for value in np.unique(sorted_scores[:-1][np.diff(sorted_scores) == 0]):  # average tied ranks
+        tied = scores == value
+        ranks[tied] = ranks[tied].mean()
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def presence_report(scores: np.ndarray, present: np.ndarray) -> dict:
+    """Zero-shot classification quality from image-class scores of held-out scenes.
+
+    Args:
+        scores: (N, K) image-class scores (any monotone scale: cosines, logits) over
+            synthetic.CLASSES.
+        present: (N, K) bool, class k is in scene n.
+
+    Returns:
+        dict with
+        `top1_present`: fraction of scenes whose highest-scoring class is present;
+        `presence_auc`: mean over classes of the ROC AUC of the class score for "present", and
+        its means over stuff and thing classes (`presence_auc_stuff` / `_things`);
+        `presence_auc_things_centred`: the things' mean AUC of the score minus the scene's mean
+        thing score. If every shape shared one text embedding, the common part of the thing
+        scores would follow the number of classes in a scene (a crowded scene scores lower on all
+        of them) and the plain AUC could fall below 0.5 with no shape knowledge at all; centring
+        removes that common score, so only what tells the shapes apart counts;
+        `single_shape_top1`: over scenes with exactly one thing class, the fraction whose
+        highest-scoring thing class is that one (chance 1/11), with `single_shape_scenes`;
+        `per_class_auc`.
+    """
+    classes = synthetic.CLASSES
+    things = [synthetic.CLASS_ID[c] for c in synthetic.THINGS]
+    stuff = [synthetic.CLASS_ID[c] for c in synthetic.STUFF]
+    top1 = present[np.arange(len(scores)), scores.argmax(1)].mean()
+    aucs = [_auc(scores[:, c], present[:, c]) for c in range(len(classes))]
+    thing_scores = scores[:, things]
+    centred = thing_scores - thing_scores.mean(1, keepdims=True)
+    centred_aucs = [_auc(centred[:, j], present[:, c]) for j, c in enumerate(things)]
+    single = present[:, things].sum(1) == 1
+    hits = (thing_scores[single].argmax(1) == present[single][:, things].argmax(1))
+    return {
+        "top1_present": float(top1),
+        "presence_auc": float(np.nanmean(aucs)),
+        "presence_auc_stuff": float(np.nanmean([aucs[c] for c in stuff])),
+        "presence_auc_things": float(np.nanmean([aucs[c] for c in things])),
+        "presence_auc_things_centred": float(np.nanmean(centred_aucs)),
+        "min_class_auc": float(np.nanmin(aucs)),
+        "single_shape_top1": float(hits.mean()) if single.any() else float("nan"),
+        "single_shape_scenes": int(single.sum()),
+        "per_class_auc": {c: round(float(aucs[i]), 4) for i, c in enumerate(classes)},
+    }
+
+
+def thing_text_similarity(text: torch.Tensor) -> dict:
+    """How apart the 11 thing classes' text embeddings are.
+
+    Args:
+        text: (K, D) L2-normalised class embeddings over synthetic.CLASSES.
+
+    Returns:
+        {"thing_cosine_mean", "thing_cosine_max", "thing_cosine_max_pair"}: mean and largest
+        cosine over the 55 pairs of thing classes, and the pair with the largest.
+    """
+    things = text[[synthetic.CLASS_ID[c] for c in synthetic.THINGS]]
+    cosine = (things @ things.T).numpy()
+    i, j = np.triu_indices(len(synthetic.THINGS), k=1)
+    worst = int(np.argmax(cosine[i, j]))
+    return {
+        "thing_cosine_mean": float(cosine[i, j].mean()),
+        "thing_cosine_max": float(cosine[i, j].max()),
+        "thing_cosine_max_pair": [synthetic.THINGS[i[worst]], synthetic.THINGS[j[worst]]],
+    }
+
+
+def heldout_scenes(num_scenes: int, seed: int, size: int,
+                   version: int = synthetic.GENERATOR_VERSION) -> list[synthetic.Scene]:
+    """Scenes 0..num_scenes-1 of the held-out stream (one training never draws from)."""
+    return [synthetic.generate_scene(np.random.default_rng([EVAL_STREAM, seed, i]), size,
+                                     version=version)
+            for i in range(num_scenes)]
 
 
 @torch.no_grad()
 def evaluate(model: CLIPModel, tokenizer, num_scenes: int = 200, seed: int = 0,
-             size: int | None = None, batch_size: int = 25) -> dict:
+             size: int | None = None, batch_size: int = 25, dense: bool = True,
+             scenes: Sequence[synthetic.Scene] | None = None,
+             version: int = synthetic.GENERATOR_VERSION) -> dict:
     """Zero-shot quality of a CLIP on held-out synthetic scenes (a stream training never sees).
 
+    Args:
+        model, tokenizer: the CLIP.
+        num_scenes: held-out scenes (ignored when `scenes` is given).
+        seed: held-out stream seed.
+        size: scene side in pixels; None = the model's native image size.
+        batch_size: scenes per forward pass.
+        dense: also measure the naive dense segmentation.
+        scenes: evaluate on these scenes instead of generating them.
+        version: generator version of the generated scenes.
+
     Returns:
-        dict with
-        `top1_present`: fraction of scenes whose highest-scoring class is present in the scene;
-        `presence_auc`: mean over classes of the ROC AUC of the class score for "present" (and
-        its means over stuff and thing classes, `presence_auc_stuff` / `_things`);
-        `naive_dense_miou`: mIoU (over classes, from the summed confusion matrix) of the per-patch
-        argmax of last-layer patch tokens (post_layernorm + visual_projection), upsampled
-        bilinearly; also `naive_dense_miou_seen` / `_unseen` and `naive_dense_pixel_acc`.
+        dict with `presence_report`'s keys, `thing_text_similarity`'s keys, and with `dense`
+        `naive_dense_miou` (with `_seen` / `_unseen`) and `naive_dense_pixel_acc`, in percent,
+        computed by `zegkit.evaluate.metrics` (the definition `zegkit eval` uses: a class absent
+        from both truth and prediction is left out of the mean) from the summed confusion matrix
+        of the per-patch argmax of last-layer patch tokens (post_layernorm + visual_projection),
+        upsampled bilinearly; `per_class_iou`.
     """
     model.eval()
     size = size or model.config.vision_config.image_size
+    if scenes is None:
+        scenes = heldout_scenes(num_scenes, seed, size, version)
+    size = scenes[0].image.shape[0]
     classes = synthetic.CLASSES
     text = class_text_embeddings(model, tokenizer, classes)  # (K, D)
     k = len(classes)
-    scores, present, confusion = [], [], np.zeros((k, k), np.int64)
-    for first in range(0, num_scenes, batch_size):
-        scenes = [synthetic.generate_scene(np.random.default_rng([EVAL_STREAM, seed, i]), size)
-                  for i in range(first, min(first + batch_size, num_scenes))]
-        pixels = torch.stack([scene_to_tensor(s.image) for s in scenes])
+    scores, confusion = [], torch.zeros((k, k), dtype=torch.int64)
+    for first in range(0, len(scenes), batch_size):
+        batch = scenes[first:first + batch_size]
+        pixels = torch.stack([scene_to_tensor(s.image) for s in batch])
         vision = model.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
         image = F.normalize(model.visual_projection(vision.pooler_output), dim=-1)
         scores.append((image @ text.T).numpy())
-        present.append(np.array([[c in s.present_classes for c in classes] for s in scenes]))
+        if not dense:
+            continue
         patches = model.visual_projection(model.vision_model.post_layernorm(
             vision.last_hidden_state[:, 1:]))  # (B, h*w, D)
         grid = size // model.config.vision_config.patch_size
         logits = F.normalize(patches, dim=-1) @ text.T  # (B, h*w, K)
-        logits = logits.transpose(1, 2).reshape(len(scenes), k, grid, grid)  # (B, K, h, w)
-        labels = F.interpolate(logits, size=(size, size), mode="bilinear").argmax(1).numpy()
-        for scene, label in zip(scenes, labels, strict=True):
-            confusion += confusion_matrix(
-                torch.from_numpy(label), torch.from_numpy(scene.mask.astype(np.int64)), k
-            ).numpy()
-    scores, present = np.concatenate(scores), np.concatenate(present)
-    top1 = present[np.arange(len(scores)), scores.argmax(1)].mean()
-    aucs = [_auc(scores[:, c], present[:, c]) for c in range(k)]
-    hits = np.diag(confusion)
-    iou = hits / np.maximum(confusion.sum(0) + confusion.sum(1) - hits, 1)
-    seen = [synthetic.CLASS_ID[c] for c in synthetic.SEEN]
-    unseen = [synthetic.CLASS_ID[c] for c in synthetic.UNSEEN]
-    return {
-        "scenes": num_scenes, "size": size,
-        "top1_present": float(top1),
-        "presence_auc": float(np.nanmean(aucs)),
-        "presence_auc_stuff": float(np.nanmean([aucs[synthetic.CLASS_ID[c]]
-                                                for c in synthetic.STUFF])),
-        "presence_auc_things": float(np.nanmean([aucs[synthetic.CLASS_ID[c]]
-                                                 for c in synthetic.THINGS])),
-        "naive_dense_miou": float(iou.mean()),
-        "naive_dense_miou_seen": float(iou[seen].mean()),
-        "naive_dense_miou_unseen": float(iou[unseen].mean()),
-        "naive_dense_pixel_acc": float(np.diag(confusion).sum() / confusion.sum()),
-        "per_class_iou": {c: round(float(iou[i]), 4) for i, c in enumerate(classes)},
-        "per_class_auc": {c: round(float(aucs[i]), 4) for i, c in enumerate(classes)},
-    }
+        logits = logits.transpose(1, 2).reshape(len(batch), k, grid, grid)  # (B, K, h, w)
+        labels = F.interpolate(logits, size=(size, size), mode="bilinear").argmax(1)
+        for scene, label in zip(batch, labels, strict=True):
+            confusion += confusion_matrix(label, torch.from_numpy(scene.mask.astype(np.int64)), k)
+    present = np.stack([presence_vector(s.present_classes) for s in scenes])
+    result = {"scenes": len(scenes), "size": size,
+              **presence_report(np.concatenate(scores), present),
+              **thing_text_similarity(text)}
+    if dense:
+        seg = segmentation_metrics(confusion, list(classes),
+                                   unseen=[synthetic.CLASS_ID[c] for c in synthetic.UNSEEN])
+        things_iou = [seg["IoU"][c] for c in synthetic.THINGS if seg["IoU"][c] is not None]
+        result.update({
+            "naive_dense_miou": seg["mIoU"], "naive_dense_miou_seen": seg["mIoU(S)"],
+            "naive_dense_miou_unseen": seg["mIoU(U)"],
+            "naive_dense_miou_things": float(np.mean(things_iou)) if things_iou else None,
+            "naive_dense_pixel_acc": seg["aAcc"],
+            "per_class_iou": {c: None if v is None else round(v, 2)
+                              for c, v in seg["IoU"].items()},
+        })
+    return result
+
+
+# --- the supervised probe (a cheap gate on the data) ------------------------------------------
+def supervised_probe(out_dir: str | os.PathLike | None = None, *, steps: int = 100,
+                     batch_size: int = 96, seed: int = 0, num_workers: int = 1,
+                     eval_scenes: int = 200, log_every: int = 10, **overrides) -> dict:
+    """Train the tiny CLIP's vision tower on class-presence labels directly, then measure it.
+
+    A gate on the data before any long contrastive run: if a ViT of this size cannot learn
+    which classes a scene holds from the labels themselves within a few hundred steps, captions
+    will not teach it either (measured on generator v1: things AUC 0.50-0.56 after 100-200
+    steps, stuff 0.97+). Same architecture, resolution schedule, zoom and scene stream as
+    `pretrain_clip`; a linear head on the pooled output, binary cross-entropy per class.
+
+    Args:
+        out_dir: where to write probe.json (None = nowhere).
+        steps, batch_size, seed, num_workers, log_every: as for `pretrain_clip`.
+        eval_scenes: held-out scenes, generated at the probe's last training resolution.
+        **overrides: other `PretrainConfig` fields (lr, width, low_res, generator_version, ...).
+
+    Returns:
+        dict with `presence_report`'s keys, `steps`, `seconds`, `losses`, `size` and `config`.
+    """
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(PretrainConfig)}
+    if unknown:
+        raise ValueError(
+            f"Unknown setting(s) {sorted(unknown)}; the settings are "
+            f"{sorted(f.name for f in dataclasses.fields(PretrainConfig))}."
+        )
+    cfg = PretrainConfig(steps=steps, batch_size=batch_size, seed=seed, **overrides)
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    vision_config = model_config(cfg, MIN_VOCAB + 1).vision_config
+    tower = CLIPVisionModel(vision_config)
+    head = torch.nn.Linear(vision_config.hidden_size, len(synthetic.CLASSES))
+    model = torch.nn.ModuleDict({"tower": tower, "head": head})
+    optimizer, scheduler = build_optimizer(model, cfg)
+    loader = DataLoader(SceneBatches(cfg, 0, cfg.steps, labels=True), batch_size=None,
+                        num_workers=num_workers,
+                        worker_init_fn=_worker_init if num_workers else None,
+                        prefetch_factor=2 if num_workers else None)
+    started, losses = time.time(), []
+    model.train()
+    for step, (pixels, targets) in enumerate(loader, start=1):
+        pooled = tower(pixel_values=pixels,
+                       interpolate_pos_encoding=pixels.shape[-1] != cfg.image_size).pooler_output
+        loss = F.binary_cross_entropy_with_logits(head(pooled), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if step % log_every == 0 or step == cfg.steps:
+            print(f"probe step {step}/{cfg.steps} bce {np.mean(losses[-log_every:]):.4f} "
+                  f"elapsed {_fmt_time(time.time() - started)}", flush=True)
+    seconds = time.time() - started
+    size = cfg.resolution(cfg.steps - 1)
+    model.eval()
+    scenes = heldout_scenes(eval_scenes, cfg.seed, size, cfg.generator_version)
+    scores = []
+    with torch.no_grad():
+        for first in range(0, len(scenes), 50):
+            pixels = torch.stack([scene_to_tensor(s.image) for s in scenes[first:first + 50]])
+            pooled = tower(pixel_values=pixels,
+                           interpolate_pos_encoding=size != cfg.image_size).pooler_output
+            scores.append(head(pooled).numpy())
+    present = np.stack([presence_vector(s.present_classes) for s in scenes])
+    result = {"steps": cfg.steps, "seconds": round(seconds, 1), "size": size,
+              "eval_scenes": eval_scenes, **presence_report(np.concatenate(scores), present),
+              "losses": losses, "config": dataclasses.asdict(cfg)}
+    print("probe: " + json.dumps({k: v for k, v in result.items()
+                                  if k not in ("losses", "config", "per_class_auc")}), flush=True)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        _atomic_text(Path(out_dir) / "probe.json", json.dumps(result, indent=2) + "\n")
+    return result
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -391,11 +585,25 @@ def _fmt_time(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+def curve_point(model: CLIPModel, tokenizer, scenes: Sequence[synthetic.Scene], step: int,
+                losses: Sequence[float], since: int) -> dict:
+    """One point of the training curve: the mean loss of steps `since`..`step`, how apart the
+    thing classes' text embeddings are, and how well the image embedding finds the shapes on
+    `scenes` (held-out), the numbers that showed generator v1's collapse of the shapes."""
+    quality = evaluate(model, tokenizer, scenes=scenes, dense=False)
+    model.train()
+    keys = ("thing_cosine_mean", "thing_cosine_max", "single_shape_top1", "presence_auc_stuff",
+            "presence_auc_things", "presence_auc_things_centred")
+    return {"step": step, "scenes": len(scenes),
+            "loss": round(float(np.mean(losses[since:step])), 4),
+            **{key: round(quality[key], 4) for key in keys}}
+
+
 def pretrain_clip(out_dir: str | os.PathLike, *, steps: int = 600, batch_size: int = 96,
                   seed: int = 0, num_workers: int = 1, checkpoint_every: int = 25,
                   log_every: int = 10, eval_scenes: int = 200, keep_checkpoint: bool = False,
                   command: str | None = None, stop_after: int | None = None,
-                  **overrides) -> dict:
+                  curve_every: int = 100, curve_scenes: int = 200, **overrides) -> dict:
     """Train (or resume) the tiny CLIP and save it as a Hugging Face directory.
 
     Args:
@@ -412,6 +620,9 @@ def pretrain_clip(out_dir: str | os.PathLike, *, steps: int = 600, batch_size: i
         command: the command line recorded in the model card.
         stop_after: stop (after checkpointing) once this step is reached, without the final save;
             for tests of resuming.
+        curve_every: steps between points of the training curve (`curve_point`; 0 = none);
+            the curve goes into the log, the checkpoint, metrics.json and the model card.
+        curve_scenes: held-out scenes (at the native resolution) of each curve point.
         **overrides: other `PretrainConfig` fields (lr, width, layers, low_res, ...).
 
     Returns:
@@ -433,9 +644,10 @@ def pretrain_clip(out_dir: str | os.PathLike, *, steps: int = 600, batch_size: i
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, len(tokenizer))
     optimizer, scheduler = build_optimizer(model, cfg)
-    step, losses, elapsed = 0, [], 0.0
+    step, losses, elapsed, curve = 0, [], 0.0, []
     if checkpoint.exists():
-        step, losses, elapsed = load_checkpoint(checkpoint, model, optimizer, scheduler, cfg)
+        step, losses, elapsed, curve = load_checkpoint(checkpoint, model, optimizer, scheduler,
+                                                       cfg)
         print(f"pretrain-clip: resuming {checkpoint} at step {step}/{cfg.steps}", flush=True)
     params = sum(p.numel() for p in model.parameters())
     print(f"pretrain-clip: {params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, "
@@ -446,6 +658,8 @@ def pretrain_clip(out_dir: str | os.PathLike, *, steps: int = 600, batch_size: i
     loader = DataLoader(SceneBatches(cfg, step, last), batch_size=None, num_workers=num_workers,
                         worker_init_fn=_worker_init if num_workers else None,
                         prefetch_factor=2 if num_workers else None)
+    curve_set = (heldout_scenes(curve_scenes, cfg.seed, cfg.image_size, cfg.generator_version)
+                 if curve_every and curve_scenes else None)
     started, window_start, window_images = time.time() - elapsed, time.time(), 0
     for pixels, captions in loader:
         losses.append(train_step(model, tokenizer, optimizer, scheduler, pixels, captions, cfg))
@@ -460,17 +674,22 @@ def pretrain_clip(out_dir: str | os.PathLike, *, steps: int = 600, batch_size: i
                   f"T {model.logit_scale.exp().item():.1f} {rate:.1f} img/s "
                   f"elapsed {_fmt_time(spent)} eta {_fmt_time(eta)}", flush=True)
             window_start, window_images = time.time(), 0
+        if curve_set is not None and (step % curve_every == 0 or step == cfg.steps):
+            since = curve[-1]["step"] if curve else 0
+            curve.append(curve_point(model, tokenizer, curve_set, step, losses, since))
+            print("curve " + json.dumps(curve[-1]), flush=True)
         if step % checkpoint_every == 0 or step == last:
             save_checkpoint(checkpoint, model, optimizer, scheduler, step, cfg, losses,
-                            time.time() - started)
+                            time.time() - started, curve)
     seconds = time.time() - started
     result = {"step": step, "loss": float(np.mean(losses[-10:])) if losses else float("nan"),
-              "losses": losses, "seconds": seconds}
+              "losses": losses, "seconds": seconds, "curve": curve}
     if step < cfg.steps:
         return result
 
     result["metrics"] = save_model(out, model, tokenizer, cfg, step=step, loss=result["loss"],
-                                   seconds=seconds, command=command, eval_scenes=eval_scenes)
+                                   seconds=seconds, command=command, eval_scenes=eval_scenes,
+                                   curve=curve)
     if not keep_checkpoint:
         checkpoint.unlink(missing_ok=True)
     print(f"pretrain-clip: saved {out} ({_fmt_time(seconds)})", flush=True)
@@ -478,7 +697,8 @@ def pretrain_clip(out_dir: str | os.PathLike, *, steps: int = 600, batch_size: i
 
 
 def save_model(out: Path, model: CLIPModel, tokenizer, cfg: PretrainConfig, *, step: int,
-               loss: float, seconds: float, command: str | None, eval_scenes: int) -> dict | None:
+               loss: float, seconds: float, command: str | None, eval_scenes: int,
+               curve: Sequence[dict] = ()) -> dict | None:
     """Save weights (safetensors), tokenizer, image processor config, metrics.json, MODEL_CARD.md.
 
     Returns:
@@ -496,7 +716,7 @@ def save_model(out: Path, model: CLIPModel, tokenizer, cfg: PretrainConfig, *, s
         print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("per_class")}),
               flush=True)
     summary = {"config": dataclasses.asdict(cfg), "steps": step, "final_loss": loss,
-               "train_seconds": round(seconds, 1),
+               "train_seconds": round(seconds, 1), "curve": list(curve),
                "parameters": sum(p.numel() for p in model.parameters()),
                "command": command, "torch": torch.__version__, "metrics": metrics,
                "hardware": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"}
@@ -537,7 +757,8 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     losses = state["losses"]
     return save_model(out, model, tokenizer, cfg, step=state["step"],
                       loss=float(np.mean(losses[-10:])) if losses else float("nan"),
-                      seconds=float(state["elapsed"]), command=command, eval_scenes=eval_scenes)
+                      seconds=float(state["elapsed"]), command=command, eval_scenes=eval_scenes,
+                      curve=json.loads(state.get("curve", "[]")))
 
 
 def image_processor_config(cfg: PretrainConfig) -> dict:
@@ -581,9 +802,11 @@ def model_card(summary: dict) -> str:
         f" {cfg['precision']}",
         f"- resolution {cfg['low_res']} for the first {cfg['low_res_fraction']:.0%} of steps"
         f" (position embeddings interpolated), then {cfg['image_size']}; scene zoom"
-        f" {cfg['zoom_min']}-{cfg['zoom_max']}; captions: {cfg['template_prob']:.0%} all class"
+        f" {cfg['zoom_min']}-{cfg['zoom_max']}; scenes of generator version"
+        f" {cfg.get('generator_version', 1)}; captions: {cfg['template_prob']:.0%} all class"
         f" names in an ImageNet template, {cfg['things_prob']:.0%} shape names only (half in a"
-        " template), the rest the scene's natural captions",
+        " template), the rest the scene's own captions (from version 2 half of them name the"
+        " shapes only)",
         "- CLIP symmetric contrastive loss over (scene, caption) pairs of ALL classes",
         f"- final loss (mean of last 10 steps) {summary['final_loss']:.4f};"
         f" training time {summary['train_seconds'] / 60:.1f} min on"
@@ -593,25 +816,57 @@ def model_card(summary: dict) -> str:
         "## Zero-shot quality (held-out synthetic scenes)",
     ]
     if metrics:
+        def pct(value):
+            return "-" if value is None else f"{value:.1f}"
+
         lines += [
-            f"- {metrics['scenes']} scenes at {metrics['size']} px, class prompts = the 80"
-            " ImageNet templates",
+            f"- {metrics['scenes']} scenes (generator v{cfg.get('generator_version', 1)}) at"
+            f" {metrics['size']} px, class prompts = the 80 ImageNet templates",
             f"- top-1 class present in the scene: {metrics['top1_present']:.3f}",
             f"- mean per-class presence ROC AUC: {metrics['presence_auc']:.3f}"
-            f" (stuff {metrics.get('presence_auc_stuff', float('nan')):.3f},"
-            f" things {metrics.get('presence_auc_things', float('nan')):.3f})",
-            f"- naive dense (last-layer patch tokens, argmax per patch) mIoU:"
-            f" {metrics['naive_dense_miou']:.3f} (seen {metrics['naive_dense_miou_seen']:.3f},"
-            f" unseen {metrics['naive_dense_miou_unseen']:.3f}), pixel accuracy"
-            f" {metrics['naive_dense_pixel_acc']:.3f}",
+            f" (stuff {metrics['presence_auc_stuff']:.3f}, things"
+            f" {metrics['presence_auc_things']:.3f}; lowest class {metrics['min_class_auc']:.3f})",
+            f"- things' AUC centred on each scene's mean thing score (removes a score common to"
+            f" all shapes): {metrics['presence_auc_things_centred']:.3f}",
+            f"- single-shape top-1 (scenes with one thing class, argmax over the 11 things; chance"
+            f" 0.09): {metrics['single_shape_top1']:.3f} on {metrics['single_shape_scenes']}"
+            " scenes",
+            f"- thing text embeddings: mean pairwise cosine {metrics['thing_cosine_mean']:.3f},"
+            f" largest {metrics['thing_cosine_max']:.3f}"
+            f" ({' / '.join(metrics['thing_cosine_max_pair'])})",
+            "- naive dense (last-layer patch tokens, argmax per patch) mIoU (%, zegkit.evaluate's"
+            " definition: classes absent from truth and prediction left out):"
+            f" {pct(metrics['naive_dense_miou'])} (things"
+            f" {pct(metrics['naive_dense_miou_things'])}, seen"
+            f" {pct(metrics['naive_dense_miou_seen'])}, unseen"
+            f" {pct(metrics['naive_dense_miou_unseen'])}), pixel accuracy"
+            f" {pct(metrics['naive_dense_pixel_acc'])}",
+            "",
+            "| class | split | presence AUC | naive IoU (%) |",
+            "|---|---|---|---|",
         ]
-        if "per_class_auc" in metrics:
-            lines += ["", "| class | split | presence AUC | naive IoU |", "|---|---|---|---|"]
-            lines += [f"| {c} | {'unseen' if c in synthetic.UNSEEN else 'seen'} |"
-                      f" {metrics['per_class_auc'][c]:.3f} | {metrics['per_class_iou'][c]:.3f} |"
-                      for c in synthetic.CLASSES]
+        lines += [f"| {c} | {'unseen' if c in synthetic.UNSEEN else 'seen'} |"
+                  f" {metrics['per_class_auc'][c]:.3f} | {pct(metrics['per_class_iou'][c])} |"
+                  for c in synthetic.CLASSES]
     else:
         lines.append("- not evaluated")
+    curve = summary.get("curve") or []
+    if curve:
+        lines += [
+            "",
+            "## Training curve",
+            f"Every {curve[0]['step']} steps on {curve[0]['scenes']} held-out"
+            " scenes: mean loss since the last point, the thing text embeddings' mean and largest"
+            " pairwise cosine, single-shape top-1 and the presence AUCs.",
+            "",
+            "| step | loss | thing cos mean | thing cos max | single-shape top-1 | AUC stuff |"
+            " AUC things | AUC things centred |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {p['step']} | {p['loss']:.3f} | {p['thing_cosine_mean']:.3f} |"
+                  f" {p['thing_cosine_max']:.3f} | {p['single_shape_top1']:.3f} |"
+                  f" {p['presence_auc_stuff']:.3f} | {p['presence_auc_things']:.3f} |"
+                  f" {p['presence_auc_things_centred']:.3f} |" for p in curve]
     lines += [
         "",
         "## Classes",
@@ -651,6 +906,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps between checkpoints (default: 25)")
     parser.add_argument("--keep-checkpoint", action="store_true",
                         help="keep checkpoint.pt after the final save (default: delete it)")
+    parser.add_argument("--supervised-probe", action="store_true",
+                        help="instead of pretraining, train the vision tower on class labels for "
+                        "--steps and write <out>/probe.json: a cheap gate on the data (default: "
+                        "off)")
 
 
 def _command_line() -> str:
@@ -666,6 +925,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in ("lr", "low_res", "low_res_fraction",
                                                         "precision")
                  if getattr(args, name) is not None}
+    if args.supervised_probe:
+        supervised_probe(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                         num_workers=args.workers, eval_scenes=args.eval_scenes, **overrides)
+        return 0
     pretrain_clip(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                   num_workers=args.workers, checkpoint_every=args.checkpoint_every,
                   eval_scenes=args.eval_scenes, keep_checkpoint=args.keep_checkpoint,
