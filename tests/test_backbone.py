@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_tiny_clip
 
-from zegkit.backbone import BlockSurgery, ClipBackbone, take_indices
+from zegkit.backbone import BlockSurgery, ClipBackbone, TokenInjection, take_indices
 
 TOL = 1e-5
 
@@ -85,12 +85,12 @@ def test_surgery_block_is_the_direct_formula(tiny_tokenizer):
     assert (out.hidden - expected).abs().max() <= TOL
 
 
-def test_cls_override_and_attention_maps(tiny_tokenizer):
+def test_cls_injection_and_attention_maps(tiny_tokenizer):
     backbone = _backbone(16, tiny_tokenizer)
     pixels = torch.randn(2, 3, 224, 224)
     token = torch.randn(2, backbone.width)
     out = backbone.forward_intermediates(
-        pixels, indices=[0], cls_override={1: token}, return_attention=[1]
+        pixels, indices=[0], inject=TokenInjection(cls={1: token}), return_attention=[1]
     )
     x = torch.cat([token[:, None], out.intermediates[0]], dim=1)
     expected, weights = backbone.block(1, x, out.grid, return_attention=True)
@@ -109,3 +109,67 @@ def test_bad_surgery_arguments(tiny_tokenizer):
         backbone.forward_intermediates(pixels, surgery={2: BlockSurgery(), -1: BlockSurgery()})
     with pytest.raises(ValueError, match="output_fmt"):
         backbone.forward_intermediates(pixels, output_fmt="NHWC")
+
+
+def test_deep_prompts_are_inserted_then_replaced(tiny_tokenizer):
+    backbone = _backbone(16, tiny_tokenizer)
+    pixels = torch.randn(2, 3, 64, 96)
+    prompts = {0: torch.randn(3, backbone.width), 2: torch.randn(2, 3, backbone.width)}
+    out = backbone.forward_intermediates(
+        pixels, indices=[0, 1, 2], inject=TokenInjection(prompts=prompts)
+    )
+    x = backbone.embed(pixels)
+    x = torch.cat([x[:, :1], prompts[0].expand(2, -1, -1), x[:, 1:]], dim=1)
+    x, _ = backbone.block(0, x, out.grid)
+    expected = [x[:, 4:]]
+    x, _ = backbone.block(1, x, out.grid)  # layer 1 has no entry: the prompt outputs go on
+    expected.append(x[:, 4:])
+    x, _ = backbone.block(2, torch.cat([x[:, :1], prompts[2], x[:, 4:]], dim=1), out.grid)
+    expected.append(x[:, 4:])
+    assert out.num_prefix == 4 and out.tokens.shape == (2, 24, backbone.width)
+    for got, want in zip(out.intermediates, expected, strict=True):
+        assert (got - want).abs().max() <= TOL
+    assert (out.hidden - x).abs().max() <= TOL
+
+
+def test_masked_suffix_tokens_are_invisible_to_the_patches(tiny_tokenizer):
+    backbone = _backbone(16, tiny_tokenizer)
+    pixels = torch.randn(2, 3, 64, 64)
+    regions = torch.randn(2, 5, backbone.width)
+    tokens = 1 + 16 + 5
+    mask = torch.ones(tokens, tokens, dtype=torch.bool)
+    mask[:17, 17:] = False  # [CLS] and patches do not see the regions; regions see everything
+    out = backbone.forward_intermediates(
+        pixels, inject=TokenInjection(suffix=regions, attention_mask=mask)
+    )
+    plain = backbone.forward_intermediates(pixels)
+    assert out.num_suffix == 5 and out.suffix.shape == (2, 5, backbone.width)
+    assert (out.tokens - plain.tokens).abs().max() <= TOL
+    unmasked = backbone.forward_intermediates(pixels, inject=TokenInjection(suffix=regions))
+    assert (unmasked.tokens - plain.tokens).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="'vanilla' attention only"):
+        backbone.forward_intermediates(
+            pixels,
+            surgery={-1: BlockSurgery("qq+kk")},
+            inject=TokenInjection(suffix=regions, attention_mask=mask),
+        )
+
+
+def test_gradients_reach_injected_tokens_through_the_frozen_backbone(tiny_tokenizer):
+    backbone = _backbone(16, tiny_tokenizer)
+    prompt = torch.zeros(2, backbone.width, requires_grad=True)
+    out = backbone.forward_intermediates(
+        torch.randn(1, 3, 32, 32), inject=TokenInjection(prompts={0: prompt})
+    )
+    backbone.project(out.tokens).square().sum().backward()
+    assert prompt.grad is not None and prompt.grad.abs().sum() > 0
+    assert all(p.grad is None for p in backbone.parameters())
+
+
+def test_position_cache_follows_the_weights(tiny_tokenizer):
+    backbone = _backbone(16, tiny_tokenizer)
+    before = backbone.position_embedding((3, 5)).clone()
+    with torch.no_grad():
+        backbone.vision.embeddings.position_embedding.weight.mul_(2)
+    after = backbone.position_embedding((3, 5))
+    assert torch.allclose(after, 2 * before, atol=1e-5)

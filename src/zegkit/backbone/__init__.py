@@ -7,7 +7,7 @@ import os
 import torch
 
 from zegkit.backbone.attention import ATTENTION, BlockSurgery, attention_weights
-from zegkit.backbone.vision import ClipBackbone, Intermediates, take_indices
+from zegkit.backbone.vision import ClipBackbone, Intermediates, TokenInjection, take_indices
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 
@@ -42,6 +42,7 @@ __all__ = [
     "BlockSurgery",
     "ClipBackbone",
     "Intermediates",
+    "TokenInjection",
     "attention_weights",
     "load_clip",
     "take_indices",

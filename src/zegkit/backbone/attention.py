@@ -117,13 +117,46 @@ class BlockSurgery:
     def __post_init__(self) -> None:
         check_attention(self.attention)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: Grid) -> Tensor:
-        """Mix values v (B, heads, T, d) with this block's attention; returns (B, heads, T, d)."""
+    def weights(self, q: Tensor, k: Tensor, grid: Grid, mask: Tensor | None = None) -> Tensor:
+        """Attention weights (B, heads, T, T) of this block's variant; see `attend` for `mask`."""
+        if mask is None:
+            return attention_weights(self.attention, q, k, grid, **self.options)
+        self._check_mask()
+        return (_scores(q, k) + _additive(mask, q)).softmax(-1)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, grid: Grid, mask: Tensor | None = None
+    ) -> Tensor:
+        """Mix values v (B, heads, T, d) with this block's attention; returns (B, heads, T, d).
+
+        `mask` ((T, T) or (B, T, T); bool True = may attend, or float added to the logits) is
+        supported by the vanilla attention, the only one a block with extra masked tokens runs.
+        """
+        if mask is not None:
+            self._check_mask()
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=_additive(mask, q))
         if self.attention == "vanilla":
             return F.scaled_dot_product_attention(q, k, v)
         if self.attention == "identity":
             return v
         return attention_weights(self.attention, q, k, grid, **self.options) @ v
+
+    def _check_mask(self) -> None:
+        if self.attention != "vanilla":
+            raise ValueError(
+                f"An attention mask works with the 'vanilla' attention only, not "
+                f"{self.attention!r}: apply surgery to layers without masked (suffix) tokens."
+            )
+
+
+def _additive(mask: Tensor, q: Tensor) -> Tensor:
+    """A (T, T) or (B, T, T) mask as additive logits broadcastable to (B, heads, T, T)."""
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~mask.to(q.device), float("-inf")
+        )
+    mask = mask.to(q.device, q.dtype)
+    return mask[:, None] if mask.ndim == 3 else mask
 
 
 VANILLA = BlockSurgery()

@@ -10,15 +10,17 @@ Module names are upstream's (`pre_layrnorm`, `layer_norm1`, `self_attn.q_proj`, 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
-from zegkit.backbone.attention import VANILLA, BlockSurgery, Grid, attention_weights
+from zegkit.backbone.attention import VANILLA, BlockSurgery, Grid
 
 # CLIP's pixel normalisation (OpenAI, used by every CLIP release zegkit loads unless its
 # preprocessor_config.json says otherwise).
@@ -27,20 +29,60 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
+class TokenInjection:
+    """Tokens a method puts into the vision sequence, laid out as [CLS], prompts, patches, suffix.
+
+    Attributes:
+        cls: layer index -> (B, C) token that replaces [CLS] at the input of that layer (ClsCLIP).
+        prompts: layer index -> (P, C) or (B, P, C) deep prompt tokens at the input of that layer,
+            right after [CLS]: the first such layer inserts them, later ones replace the previous
+            layer's prompt outputs, layers without an entry pass them on (VPT-deep, ZegCLIP).
+            Every entry has the same P. They get no position embedding.
+        suffix: (R, C) or (B, R, C) tokens appended after the patches at the input of
+            `suffix_layer` (CLIP-RC's region tokens).
+        suffix_layer: the layer whose input receives the suffix tokens.
+        attention_mask: for the layers that see the suffix, (T, T) or (B, T, T) over the whole
+            sequence: bool (True: may attend) or float (added to the attention logits).
+    """
+
+    cls: Mapping[int, Tensor] = field(default_factory=dict)
+    prompts: Mapping[int, Tensor] = field(default_factory=dict)
+    suffix: Tensor | None = None
+    suffix_layer: int = 0
+    attention_mask: Tensor | None = None
+
+    def num_prompts(self) -> int:
+        """P, the number of prompt tokens (0 without prompts).
+
+        Raises:
+            ValueError: prompt entries of different lengths.
+        """
+        lengths = {prompt.shape[-2] for prompt in self.prompts.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"Every layer's prompts must have the same length, got {lengths}.")
+        return lengths.pop() if lengths else 0
+
+
+@dataclass
 class Intermediates:
     """What one vision forward returns.
 
     Attributes:
-        hidden: output of the last layer run, (B, 1 + h*w, C), before post_layernorm.
+        hidden: output of the last layer run, (B, T, C), T = num_prefix + h*w + num_suffix,
+            before post_layernorm.
         grid: patch grid (h, w).
-        intermediates: per requested layer, (B, h*w, C) for output_fmt 'NLC' or (B, C, h, w)
-            for 'NCHW'.
+        num_prefix: tokens before the patches ([CLS] and any prompt tokens).
+        num_suffix: tokens after the patches (e.g. region tokens).
+        intermediates: per requested layer, its patch tokens (B, h*w, C) for output_fmt 'NLC'
+            or (B, C, h, w) for 'NCHW'.
         intermediate_prefix: per requested layer, its [CLS] token (B, C).
         attention: layer index -> attention weights (B, heads, T, T), for return_attention.
     """
 
     hidden: Tensor
     grid: Grid
+    num_prefix: int = 1
+    num_suffix: int = 0
     intermediates: list[Tensor] = field(default_factory=list)
     intermediate_prefix: list[Tensor] = field(default_factory=list)
     attention: dict[int, Tensor] = field(default_factory=dict)
@@ -53,7 +95,16 @@ class Intermediates:
     @property
     def tokens(self) -> Tensor:
         """Patch tokens of the last layer run, (B, h*w, C)."""
-        return self.hidden[:, 1:]
+        return self.patches(self.hidden)
+
+    @property
+    def suffix(self) -> Tensor:
+        """Suffix tokens of the last layer run, (B, num_suffix, C)."""
+        return self.hidden[:, self.hidden.shape[1] - self.num_suffix :]
+
+    def patches(self, x: Tensor) -> Tensor:
+        """The patch tokens (B, h*w, C) of a sequence laid out as this forward's."""
+        return x[:, self.num_prefix : x.shape[1] - self.num_suffix]
 
 
 def take_indices(num_layers: int, indices: int | Sequence[int] | None) -> list[int]:
@@ -80,6 +131,18 @@ def take_indices(num_layers: int, indices: int | Sequence[int] | None) -> list[i
             )
         resolved.append(index % num_layers)
     return sorted(set(resolved))
+
+
+def _batched(tokens: Tensor, x: Tensor) -> Tensor:
+    """Tokens (N, C) or (B, N, C) as (B, N, C) in the dtype of the sequence x (B, T, C)."""
+    if tokens.ndim == 2:
+        tokens = tokens.expand(x.shape[0], *tokens.shape)
+    if tokens.ndim != 3 or tokens.shape[0] != x.shape[0] or tokens.shape[-1] != x.shape[-1]:
+        raise ValueError(
+            f"Injected tokens must be (N, {x.shape[-1]}) or ({x.shape[0]}, N, {x.shape[-1]}), "
+            f"got {tuple(tokens.shape)}."
+        )
+    return tokens.to(x.dtype)
 
 
 class ClipBackbone(nn.Module):
@@ -115,7 +178,16 @@ class ClipBackbone(nn.Module):
         self.num_heads: int = vision.config.num_attention_heads
         self.embed_dim: int = model.config.projection_dim
         self.num_layers: int = len(self.layers)
+        self.num_prefix_tokens: int = 1  # the [CLS] token; prompt tokens come with an injection
         self._position_cache: dict[tuple, Tensor] = {}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short hash of both projection heads: tells two CLIPs apart whatever their names."""
+        digest = hashlib.sha256()
+        for weight in (self.model.visual_projection.weight, self.model.text_projection.weight):
+            digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     # ---- text ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -146,10 +218,12 @@ class ClipBackbone(nn.Module):
 
     def position_embedding(self, grid: Grid) -> Tensor:
         """Position embeddings (1, 1 + h*w, C) for a patch grid, bicubically resized as
-        `transformers`' interpolate_pos_encoding does, and cached per grid (weights are frozen)."""
+        `transformers`' interpolate_pos_encoding does, and cached per grid; the cache key holds
+        the table's storage and version, so loading other weights never reuses a stale entry."""
         table = self.vision.embeddings.position_embedding.weight
-        key = (grid, table.device, table.dtype)
+        key = (grid, table.device, table.dtype, table.data_ptr(), table._version)
         if key not in self._position_cache:
+            self._position_cache.clear()
             native = self.image_size // self.patch_size
             prefix, patches = table[:1], table[1:]
             if grid != (native, native):
@@ -188,8 +262,12 @@ class ClipBackbone(nn.Module):
         grid: Grid,
         surgery: BlockSurgery | None = None,
         return_attention: bool = False,
+        attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Run encoder layer `index` on tokens x (B, T, C), with optional surgery.
+
+        `attention_mask` ((T, T) or (B, T, T), bool True = may attend, or additive float) works
+        with the vanilla attention (the frozen CLIP's own); other variants refuse it.
 
         Returns:
             The layer's output (B, T, C) and, if return_attention, its attention weights
@@ -200,10 +278,10 @@ class ClipBackbone(nn.Module):
         q, k, v = self.qkv(index, x)
         weights = None
         if return_attention:
-            weights = attention_weights(surgery.attention, q, k, grid, **surgery.options)
+            weights = surgery.weights(q, k, grid, attention_mask)
             mixed = weights @ v
         else:
-            mixed = surgery.attend(q, k, v, grid)
+            mixed = surgery.attend(q, k, v, grid, attention_mask)
         out = self._merge_heads(index, mixed)
         x = x + out if surgery.residual else out
         if surgery.ffn:
@@ -242,20 +320,23 @@ class ClipBackbone(nn.Module):
         norm: bool = False,
         output_fmt: str = "NLC",
         surgery: Mapping[int, BlockSurgery] | None = None,
-        cls_override: Mapping[int, Tensor] | None = None,
+        inject: TokenInjection | None = None,
         return_attention: Sequence[int] = (),
     ) -> Intermediates:
-        """Run the vision tower layer by layer, with surgery and taps.
+        """Run the vision tower layer by layer, with surgery, injected tokens and taps.
+
+        Gradients flow from the outputs into injected tokens (the weights stay frozen).
 
         Args:
             pixels: normalised images (B, 3, H, W); H and W need not be the native size.
             indices: layers whose outputs to return (timm convention: None = all, int n = last n,
                 sequence = exactly these, negatives from the end).
-            stop_early: stop after the last layer in `indices`, `return_attention` or `surgery`.
+            stop_early: stop after the last layer in `indices`, `return_attention`, `surgery` or
+                `inject`.
             norm: apply post_layernorm to the returned intermediates.
             output_fmt: 'NLC' -> (B, h*w, C), 'NCHW' -> (B, C, h, w).
             surgery: layer index -> BlockSurgery; other layers run unchanged.
-            cls_override: layer index -> (B, C) token that replaces [CLS] before that layer runs.
+            inject: tokens to replace or insert at given layers (see TokenInjection).
             return_attention: layers whose attention weights (B, heads, T, T) to return.
 
         Returns:
@@ -263,21 +344,32 @@ class ClipBackbone(nn.Module):
         """
         if output_fmt not in ("NLC", "NCHW"):
             raise ValueError(f"output_fmt must be 'NLC' or 'NCHW', got {output_fmt!r}.")
+        inject = inject or TokenInjection()
         taps = take_indices(self.num_layers, indices)
         surgery = self._resolve_layers(surgery or {}, "surgery")
-        cls_override = self._resolve_layers(cls_override or {}, "cls_override")
+        cls = self._resolve_layers(inject.cls, "inject.cls")
+        prompts = self._resolve_layers(inject.prompts, "inject.prompts")
+        suffix_layer = None
+        if inject.suffix is not None:
+            suffix_layer = take_indices(self.num_layers, [inject.suffix_layer])[0]
         attention_layers = set(take_indices(self.num_layers, list(return_attention)))
         last = self.num_layers - 1
         if stop_early:
-            last = max([*taps, *attention_layers, *surgery, *cls_override], default=last)
+            suffix = [] if suffix_layer is None else [suffix_layer]
+            edited = [*surgery, *cls, *prompts, *suffix]
+            last = max([*taps, *attention_layers, *edited], default=last)
         grid = self.grid_size(pixels)
         x = self.embed(pixels)
         result = Intermediates(hidden=x, grid=grid)
+        inject.num_prompts()  # one length for every layer's prompts, or a clear error now
         for index in range(last + 1):
-            if index in cls_override:
-                x = torch.cat([cls_override[index][:, None].to(x.dtype), x[:, 1:]], dim=1)
+            x = self._inject(x, index, cls, prompts, result)
+            if index == suffix_layer:
+                x = torch.cat([x, _batched(inject.suffix, x)], dim=1)
+                result.num_suffix = x.shape[1] - result.num_prefix - grid[0] * grid[1]
+            mask = inject.attention_mask if result.num_suffix else None
             x, weights = self.block(
-                index, x, grid, surgery.get(index), return_attention=index in attention_layers
+                index, x, grid, surgery.get(index), index in attention_layers, mask
             )
             if weights is not None:
                 result.attention[index] = weights
@@ -285,6 +377,19 @@ class ClipBackbone(nn.Module):
                 self._tap(result, x, norm, output_fmt)
         result.hidden = x
         return result
+
+    def _inject(self, x: Tensor, index: int, cls: Mapping[int, Tensor],
+                prompts: Mapping[int, Tensor], result: Intermediates) -> Tensor:
+        """Replace [CLS] and insert or replace prompt tokens at the input of layer `index`."""
+        if index in cls:
+            x = torch.cat([cls[index][:, None].to(x.dtype), x[:, 1:]], dim=1)
+        if index in prompts:
+            prompt = _batched(prompts[index], x)
+            inserted = result.num_prefix == self.num_prefix_tokens
+            rest = x[:, self.num_prefix_tokens if inserted else result.num_prefix :]
+            x = torch.cat([x[:, : self.num_prefix_tokens], prompt, rest], dim=1)
+            result.num_prefix = self.num_prefix_tokens + prompt.shape[1]
+        return x
 
     def _resolve_layers(self, by_layer: Mapping[int, object], what: str) -> dict[int, object]:
         """Map possibly negative layer keys to non-negative ones, rejecting out-of-range keys."""
@@ -297,7 +402,7 @@ class ClipBackbone(nn.Module):
         """Record one layer's output in `result` in the requested format."""
         if norm:
             x = self.vision.post_layernorm(x)
-        tokens = x[:, 1:]
+        tokens = result.patches(x)
         if output_fmt == "NCHW":
             tokens = tokens.transpose(1, 2).reshape(x.shape[0], -1, *result.grid)
         result.intermediates.append(tokens)
