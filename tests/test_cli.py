@@ -178,3 +178,20 @@ def test_method_settings_from_the_command_line(tiny_clip_dir, photo, tmp_path, c
     assert _segment(tiny_clip_dir, bad, photo, extra=["--set", "gaussian_std"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def test_eval_passes_device_and_tokenizer_to_the_model(synthetic_root, tmp_path, monkeypatch,
+                                                       capsys):
+    import zegkit.segmenter
+
+    seen = {}
+
+    def fake_load_clip(source, *, device, tokenizer_source):
+        seen.update(source=source, device=device, tokenizer=tokenizer_source)
+        raise RuntimeError("stopped after recording the arguments")
+
+    monkeypatch.setattr(zegkit.segmenter, "load_clip", fake_load_clip)
+    status = _eval("some/model", synthetic_root, tmp_path / "r.json", "sclip",
+                   "--device", "fake:3", "--tokenizer", "tok/dir")
+    assert status == 2 and "stopped after recording" in capsys.readouterr().err
+    assert seen == {"source": "some/model", "device": "fake:3", "tokenizer": "tok/dir"}

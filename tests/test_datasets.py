@@ -364,7 +364,9 @@ def test_protocols_fit_datasets_and_inference_config():
         assert PROTOCOLS[name].dataset == dataset
     voc21 = get_protocol("sclip-voc21")
     assert (voc21.short_side, voc21.crop, voc21.stride) == (336, 224, 112)
-    assert voc21.background_threshold == 0.1 and voc21.logit_scale == 65
+    assert voc21.background_threshold == 0.1
+    assert voc21.settings_for("sclip") == {"logit_scale": 65.0}
+    assert voc21.settings_for("clearclip") == {}  # ClearCLIP keeps its own temperature
     assert get_protocol("sclip-ade150").background_threshold is None
     with pytest.raises(ValueError, match="sclip-voc21"):
         get_protocol("sclip-voc")

@@ -5,13 +5,22 @@ import torch
 
 from zegkit.inference import (
     InferenceConfig,
-    class_probabilities,
     decide_labels,
     resized_size,
-    sliding_logits,
-    whole_logits,
+    sliding_scores,
+    whole_scores,
     window_starts,
 )
+from zegkit.scores import Activation, DenseScores, class_probabilities
+
+
+class _Vocabulary:
+    """The part of TextEmbeddings the synonym reduction reads: 4 rows (bg, bg, dog, cat)."""
+
+    class_index = torch.tensor([0, 0, 1, 2])
+    classifier = torch.zeros(4, 2)
+    num_classes = 3
+    synonym_reduce = "max"
 
 
 def test_window_starts_cover_and_snap_to_the_edge():
@@ -40,14 +49,14 @@ def _pixelwise(crops):
 def test_sliding_equals_pixelwise_everywhere():
     pixels = torch.randn(2, 3, 250, 333)
     config = InferenceConfig(crop=64, stride=40, crop_batch=5)
-    stitched = sliding_logits(_pixelwise, pixels, config)
+    stitched = sliding_scores(_pixelwise, pixels, config)
     assert stitched.shape == (2, 2, 250, 333)
     assert torch.allclose(stitched, _pixelwise(pixels), atol=1e-5)
 
 
 def test_image_smaller_than_crop_is_padded_then_cut():
     pixels = torch.randn(1, 3, 50, 70)
-    stitched = sliding_logits(_pixelwise, pixels, InferenceConfig(crop=64, stride=32))
+    stitched = sliding_scores(_pixelwise, pixels, InferenceConfig(crop=64, stride=32))
     assert stitched.shape == (1, 2, 50, 70)
     assert torch.allclose(stitched, _pixelwise(pixels), atol=1e-5)
 
@@ -60,14 +69,14 @@ def test_whole_mode_pads_to_patch_multiple():
         seen.append(x.shape[-2:])
         return _pixelwise(x)
 
-    out = whole_logits(method, pixels, patch_size=16)
+    out = whole_scores(method, pixels, patch_size=16)
     assert seen == [(64, 80)] and out.shape == (1, 2, 50, 70)
 
 
 def test_synonym_max_and_background_threshold():
     logits = torch.tensor([0.30, 0.25, 0.10, 0.28]).view(1, 4, 1, 1)  # rows: bg, bg, dog, cat
-    class_index = torch.tensor([0, 0, 1, 2])
-    probs = class_probabilities(logits, class_index, 3, logit_scale=10.0)
+    scores = DenseScores(logits, Activation("softmax", 10.0), rows="synonyms")
+    probs = class_probabilities(scores, _Vocabulary())
     joint = (10 * logits.flatten()).softmax(0)
     assert torch.allclose(probs.flatten(), torch.stack([joint[:2].max(), joint[2], joint[3]]))
     assert decide_labels(probs, None).item() == 0
@@ -89,3 +98,21 @@ def test_synonym_max_and_background_threshold():
 def test_bad_config(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         InferenceConfig(**kwargs)
+
+
+def test_activations_and_declared_rows():
+    values = torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1)
+    sigmoid = DenseScores(values, Activation("sigmoid", 2.0), rows="classes").probabilities()
+    assert torch.allclose(sigmoid.flatten(), (2 * values.flatten()).sigmoid())
+    identity = DenseScores(values.abs(), Activation("identity"), rows="classes")
+    assert torch.equal(identity.probabilities(), values.abs())
+    with pytest.raises(ValueError, match="declared per class have 3 rows"):
+        class_probabilities(DenseScores(values, Activation(), rows="classes"), _FourClasses())
+    with pytest.raises(ValueError, match="takes no scale"):
+        Activation("identity", 3.0)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Activation("tanh")
+
+
+class _FourClasses(_Vocabulary):
+    num_classes = 4

@@ -13,6 +13,7 @@ import argparse
 import ast
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -26,14 +27,43 @@ def parse_class_list(text: str) -> list[str]:
     return [entry.strip() for entry in text.split(",")]
 
 
+def _default(config: type, name: str) -> object:
+    """The default of dataclass field `name`, for help texts (each default lives once)."""
+    return next(f.default for f in fields(config) if f.name == name)
+
+
+def _setting_flags() -> list[tuple[str, type, tuple | None, str, type | None]]:
+    """Flags that set a library setting: (flag, type, choices, help, the dataclass holding the
+    default, or None when the help says where the default comes from)."""
+    from zegkit.inference import PRECISIONS, InferenceConfig
+
+    return [
+        ("--precision", str, tuple(PRECISIONS), "compute precision; bf16 autocast pays off on GPUs "
+         "and CPUs with native bf16 (AVX-512 BF16, AMX), not on AVX2-only CPUs", InferenceConfig),
+        ("--mode", str, ("slide", "whole"), "sliding window or one whole-image pass",
+         InferenceConfig),
+        ("--short-side", int, None, "resize so the short side has this many pixels",
+         InferenceConfig),
+        ("--crop", int, None, "window size", InferenceConfig),
+        ("--stride", int, None, "window stride", InferenceConfig),
+        ("--crop-batch", int, None, "crops per forward pass, bounds memory", InferenceConfig),
+        ("--background-threshold", float, None,
+         "pixels whose best class probability is below this get class 0", InferenceConfig),
+        ("--refine", str, None, "refiners after the method's own: none, pamr, diffusion, or "
+         "names joined by '+'", InferenceConfig),
+        ("--logit-scale", float, None, "the method's softmax temperature over classes "
+         "(default: the method's paper value)", None),
+    ]
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, allow_all: bool = False) -> None:
     """Flags that choose the method, the CLIP weights and the inference protocol.
 
-    With allow_all, --method also accepts "all" (every method, one after the other).
+    With allow_all, --method also accepts "all" (every method, one after the other). Setting
+    flags default to None and reach the library only when given (`user_settings`).
     """
     from zegkit.backbone import DEFAULT_MODEL
     from zegkit.methods import METHODS
-    from zegkit.refine import REFINERS
 
     group = parser.add_argument_group("model and inference")
     group.add_argument(
@@ -54,51 +84,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, allow_all: bool = Fa
         help="tokenizer source for a bare checkpoint file (default: matching hub id)",
     )
     group.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    group.add_argument(
-        "--precision",
-        choices=("fp32", "bf16"),
-        default=None,
-        help="compute precision; bf16 autocast pays off on GPUs and CPUs with native bf16 "
-        "(AVX-512 BF16, AMX), not on AVX2-only CPUs (default: fp32)",
-    )
-    group.add_argument(
-        "--mode",
-        choices=("slide", "whole"),
-        default=None,
-        help="sliding window or one whole-image pass (default: slide)",
-    )
-    group.add_argument(
-        "--short-side",
-        type=int,
-        default=None,
-        help="resize so the short side has this many pixels (default: 448)",
-    )
-    group.add_argument("--crop", type=int, default=None, help="window size (default: 224)")
-    group.add_argument("--stride", type=int, default=None, help="window stride (default: 112)")
-    group.add_argument(
-        "--crop-batch",
-        type=int,
-        default=None,
-        help="crops per forward pass, bounds memory (default: 32)",
-    )
-    group.add_argument(
-        "--logit-scale",
-        type=float,
-        default=None,
-        help="softmax temperature over classes (default: the method's paper value)",
-    )
-    group.add_argument(
-        "--background-threshold",
-        type=float,
-        default=None,
-        help="pixels whose best class probability is below this get class 0 (default: off)",
-    )
-    group.add_argument(
-        "--refine",
-        choices=sorted(REFINERS),
-        default=None,
-        help="refinement of the stitched logits (default: none)",
-    )
+    for flag, kind, choices, text, config in _setting_flags():
+        if config is not None:
+            text += f" (default: {_default(config, flag[2:].replace('-', '_'))})"
+        group.add_argument(flag, type=kind, choices=choices, default=None, help=text)
     group.add_argument(
         "--templates",
         default="imagenet",
@@ -135,28 +124,33 @@ def parse_settings(items: Sequence[str]) -> dict[str, object]:
     return settings
 
 
-def build_segmenter(args: argparse.Namespace):
-    """A Segmenter from the flags of `add_model_arguments`."""
-    from zegkit.backbone import load_clip
-    from zegkit.inference import InferenceConfig
-    from zegkit.methods import create_method
-    from zegkit.segmenter import Segmenter
+def user_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The settings the user gave: setting flags that were set, plus every --set KEY=VALUE.
 
-    settings = {
-        "precision": args.precision,
-        "mode": args.mode,
-        "short_side": args.short_side,
-        "crop": args.crop,
-        "stride": args.stride,
-        "crop_batch": args.crop_batch,
-        "logit_scale": args.logit_scale,
-        "background_threshold": args.background_threshold,
-        "refine": args.refine,
-    }
-    config = InferenceConfig(**{k: v for k, v in settings.items() if v is not None})
-    method = create_method(args.method, **parse_settings(args.method_settings))
-    backbone = load_clip(args.model, device=args.device, tokenizer_source=args.tokenizer)
-    return Segmenter(backbone, method, config, templates=args.templates)
+    Raises:
+        ValueError: a --set key that a flag sets too, to another value.
+    """
+    flags = {flag[2:].replace("-", "_") for flag, *_ in _setting_flags()}
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    for key, value in parse_settings(args.method_settings).items():
+        if key in given and given[key] != value:
+            raise ValueError(f"--set {key}={value!r} contradicts --{key.replace('_', '-')}.")
+        given[key] = value
+    return given
+
+
+def build_segmenter(args: argparse.Namespace):
+    """A Segmenter from the flags of `add_model_arguments`, through the one builder."""
+    from zegkit.segmenter import load_segmenter
+
+    return load_segmenter(
+        args.method,
+        args.model,
+        device=args.device,
+        tokenizer=args.tokenizer,
+        templates=args.templates,
+        **user_settings(args),
+    )
 
 
 # ---- segment --------------------------------------------------------------------------------
@@ -268,6 +262,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--limit", type=int, default=None, help="evaluate only the first N images (default: all)"
     )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        help="resamples of the images for 95%% intervals of mIoU; with --method all the result "
+        "keeps per-image counts for zegkit.evaluate.compare_results (default: 0, none)",
+    )
     add_model_arguments(parser, allow_all=True)
 
 
@@ -284,6 +285,9 @@ def run_eval(args: argparse.Namespace) -> None:
     output = args.output or Path("results") / f"{args.dataset}_{args.method}.json"
     common = dict(
         model=args.model,
+        device=args.device,
+        tokenizer=args.tokenizer,
+        templates=args.templates,
         protocol=args.protocol,
         split=args.split,
         output=output,
@@ -291,18 +295,9 @@ def run_eval(args: argparse.Namespace) -> None:
         checkpoint_every=args.checkpoint_every,
         num_workers=args.num_workers,
         limit=args.limit,
+        bootstrap=args.bootstrap,
         progress=context.is_main,
-        precision=args.precision,
-        mode=args.mode,
-        short_side=args.short_side,
-        crop=args.crop,
-        stride=args.stride,
-        crop_batch=args.crop_batch,
-        logit_scale=args.logit_scale,
-        background_threshold=args.background_threshold,
-        refine=args.refine,
-        templates=args.templates,
-        **parse_settings(args.method_settings),
+        **user_settings(args),
     )
     if args.method == "all":
         results = run_eval_all(args.dataset, args.data_root, **common)

@@ -1,10 +1,10 @@
 """The inference protocol: resize, sliding window, batched crops, stitching, class decisions.
 
 The field's shared protocol (SCLIP's, adopted by ClearCLIP, NACLIP and others): resize so the short
-side is S, slide a crop window with a stride, average the overlapping cosine logits, resize them to
-the input, optionally refine (PAMR), then softmax(logit_scale · logits) over every text row, take
-the max over each class's synonyms, argmax, and give pixels whose best class probability is below a
-threshold the background label 0.
+side is S, slide a crop window with a stride, average the overlapping scores, resize them to the
+input, optionally refine (PAMR), turn them into class probabilities as the method says
+(`zegkit.scores`), argmax, and give pixels whose best class probability is below a threshold the
+background label 0.
 """
 
 from __future__ import annotations
@@ -21,26 +21,26 @@ MAX_LONG_SIDE = 2048
 MODES = ("slide", "whole")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-CropLogits = Callable[[Tensor], Tensor]
+CropScores = Callable[[Tensor], Tensor]
 
 
 @dataclass
 class InferenceConfig:
-    """How images are fed to a method and how its logits become labels.
+    """How images are fed to a method and how its scores become labels.
 
     Attributes:
         short_side: resize so the short side has this many pixels (None keeps the input size).
             448 suits ViT-B/16 with 224 crops; the SCLIP protocol uses 336 for most datasets.
-        mode: "slide" (crop windows, logits averaged where they overlap) or "whole" (one pass over
+        mode: "slide" (crop windows, scores averaged where they overlap) or "whole" (one pass over
             the resized image, position embeddings interpolated).
         crop: sliding-window size in pixels (224, CLIP's training size).
         stride: sliding-window step in pixels (112: every pixel is seen by up to 4 crops).
         crop_batch: crops per backbone call; bounds memory (crops of one image and of all images in
             a batch are pooled and cut into chunks of this size).
-        logit_scale: temperature before the softmax over the vocabulary (None: the method's).
         background_threshold: pixels whose best class probability is below this get label 0,
             the background class (None: off). For datasets whose class 0 is background.
-        refine: refiner applied to the stitched logits at input resolution ("none", "pamr").
+        refine: refiners applied to the stitched scores at input resolution, after the method's
+            own ("none", "pamr", "diffusion", or names joined by "+"; see zegkit.refine).
         precision: "fp32" or "bf16" autocast: faster on GPUs and on CPUs with native bf16
             (AVX-512 BF16, AMX); on AVX2-only CPUs it is emulated and several times slower.
     """
@@ -50,7 +50,6 @@ class InferenceConfig:
     crop: int = 224
     stride: int = 112
     crop_batch: int = 32
-    logit_scale: float | None = None
     background_threshold: float | None = None
     refine: str = "none"
     precision: str = "fp32"
@@ -105,20 +104,20 @@ def pad_to(images: Tensor, size: int) -> Tensor:
     """Zero-pad (B, C, H, W) at the bottom/right so both sides are at least `size`.
 
     Images smaller than a crop are padded, not stretched: in normalised pixels zero is the mean
-    colour, and the padded logits are cut away again after the pass.
+    colour, and the padded scores are cut away again after the pass.
     """
     pad_h, pad_w = max(size - images.shape[-2], 0), max(size - images.shape[-1], 0)
     return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
 
 
-def sliding_logits(crop_logits: CropLogits, pixels: Tensor, config: InferenceConfig) -> Tensor:
-    """Stitch a method's logits over sliding crops of normalised `pixels` (B, 3, H, W).
+def sliding_scores(crop_scores: CropScores, pixels: Tensor, config: InferenceConfig) -> Tensor:
+    """Stitch a method's scores over sliding crops of normalised `pixels` (B, 3, H, W).
 
-    Crops of every image are batched together, `config.crop_batch` per call. Each crop's logits
+    Crops of every image are batched together, `config.crop_batch` per call. Each crop's scores
     are resized to the crop and summed; each pixel is divided by the number of crops covering it.
 
     Returns:
-        logits (B, Q, H, W).
+        scores (B, R, H, W).
     """
     batch, _, height, width = pixels.shape
     padded = pad_to(pixels, config.crop)
@@ -133,7 +132,7 @@ def sliding_logits(crop_logits: CropLogits, pixels: Tensor, config: InferenceCon
     crops = crops.flatten(0, 1)  # (B * n_boxes, 3, crop, crop), image-major
     total = count = None
     for start in range(0, crops.shape[0], config.crop_batch):
-        chunk = crop_logits(crops[start : start + config.crop_batch]).float()
+        chunk = crop_scores(crops[start : start + config.crop_batch]).float()
         chunk = resize(chunk, (config.crop, config.crop))
         if total is None:
             total = padded.new_zeros(batch, chunk.shape[1], *padded.shape[-2:], dtype=torch.float32)
@@ -147,32 +146,16 @@ def sliding_logits(crop_logits: CropLogits, pixels: Tensor, config: InferenceCon
     return (total / count)[..., :height, :width]
 
 
-def whole_logits(crop_logits: CropLogits, pixels: Tensor, patch_size: int) -> Tensor:
-    """A method's logits over whole images (B, 3, H, W), resized back to (H, W).
+def whole_scores(crop_scores: CropScores, pixels: Tensor, patch_size: int) -> Tensor:
+    """A method's scores over whole images (B, 3, H, W), resized back to (H, W).
 
     The input is zero-padded to a multiple of the patch size so every pixel lies in a patch.
     """
     height, width = pixels.shape[-2:]
     pad_h, pad_w = -height % patch_size, -width % patch_size
-    logits = crop_logits(F.pad(pixels, (0, pad_w, 0, pad_h))).float()
-    logits = resize(logits, (height + pad_h, width + pad_w))
-    return logits[..., :height, :width]
-
-
-def class_probabilities(
-    logits: Tensor, class_index: Tensor, num_classes: int, logit_scale: float
-) -> Tensor:
-    """Per-class probabilities (B, K, H, W) from per-text-row cosine logits (B, Q, H, W).
-
-    softmax(logit_scale · logits) over all Q rows, then each class takes the max over the rows of
-    its synonyms (`class_index[q]` is row q's class), as the field's name files are used.
-    """
-    probabilities = (logit_scale * logits).softmax(dim=1)
-    if probabilities.shape[1] == num_classes:
-        return probabilities
-    index = class_index.to(logits.device).view(1, -1, 1, 1).expand_as(probabilities)
-    out = probabilities.new_zeros(logits.shape[0], num_classes, *logits.shape[2:])
-    return out.scatter_reduce(1, index, probabilities, reduce="amax", include_self=False)
+    scores = crop_scores(F.pad(pixels, (0, pad_w, 0, pad_h))).float()
+    scores = resize(scores, (height + pad_h, width + pad_w))
+    return scores[..., :height, :width]
 
 
 def decide_labels(probabilities: Tensor, background_threshold: float | None) -> Tensor:

@@ -2,36 +2,41 @@
 
 Setting a vocabulary computes its text embeddings once (cached); segmenting many images reuses
 them. `segment` takes a path, PIL image or array; `probabilities` / `predict` take tensor batches.
+`load_segmenter` is the one builder (the API, `zegkit segment` and `zegkit eval` use it): settings
+resolve as the user's explicit value > the evaluation protocol's value for this method > the
+method's default, and `Segmenter.settings()` records the effective ones with every result.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from zegkit.backbone import DEFAULT_MODEL, ClipBackbone, load_clip
+from zegkit.data.protocols import Protocol, get_protocol
 from zegkit.inference import (
     PRECISIONS,
     InferenceConfig,
-    class_probabilities,
     decide_labels,
     resize,
     resized_size,
-    sliding_logits,
-    whole_logits,
+    sliding_scores,
+    whole_scores,
 )
 from zegkit.io import ImageSource, load_image, save_json_atomic, save_png_atomic, to_tensor
-from zegkit.methods import Method, create_method
-from zegkit.refine import create_refiner
+from zegkit.methods import Method, create_method, method_name
+from zegkit.scores import DenseScores, class_probabilities
 from zegkit.text import TextEmbeddings, encode_vocabulary
 from zegkit.viz import class_fractions, label_png, overlay
+
+INFERENCE_FIELDS = frozenset(f.name for f in fields(InferenceConfig))
 
 
 @dataclass
@@ -42,11 +47,13 @@ class Segmentation:
         labels: (H, W) int64 class indices at the input image's resolution.
         class_names: the K class display names, in label order.
         scores: (K,) mean probability of each class over the image.
+        settings: the effective settings that produced it (`Segmenter.settings()`).
     """
 
     labels: np.ndarray
     class_names: list[str]
     scores: np.ndarray
+    settings: dict = field(default_factory=dict)
 
     def fractions(self) -> dict[str, float]:
         """Fraction of pixels labelled with each class."""
@@ -77,6 +84,7 @@ class Segmentation:
             "width": int(self.labels.shape[1]),
             "pixel_fractions": self.fractions(),
             "mean_scores": dict(zip(self.class_names, map(float, self.scores), strict=True)),
+            "settings": self.settings,
         }
         save_json_atomic(summary, paths["json"])
         return paths
@@ -87,9 +95,10 @@ class Segmenter:
 
     Args:
         backbone: the frozen CLIP.
-        method: how dense logits come out of the backbone.
+        method: how dense scores come out of the backbone (and how they become probabilities).
         config: the inference protocol.
         templates: prompt templates for vocabularies ("imagenet", "short", "single" or a list).
+        protocol: name of the evaluation protocol the settings came from, for the record.
     """
 
     def __init__(
@@ -98,20 +107,43 @@ class Segmenter:
         method: Method,
         config: InferenceConfig | None = None,
         templates: str | Sequence[str] = "imagenet",
+        protocol: str | None = None,
     ) -> None:
         self.backbone = backbone
         self.method = method.to(backbone.device).eval()
         self.config = config or InferenceConfig()
         self.templates = templates
-        self.refiner = create_refiner(self.config.refine)
-        self.method_refiner = self.method.build_refiner(backbone.device)
+        self.protocol = protocol
+        self.refiners = self._build_refiners()
         self.text: TextEmbeddings | None = None
         self._vocabularies: dict[tuple, TextEmbeddings] = {}
 
-    @property
-    def logit_scale(self) -> float:
-        """The configured logit scale, else the method's paper default."""
-        return self.config.logit_scale or self.method.config.logit_scale
+    def _build_refiners(self) -> list[nn.Module]:
+        """The method's own refiners, then the user's `refine` chain, on the backbone's device."""
+        from zegkit.refine import create_refiner, parse_refine_chain
+
+        user_chain = [(name, {}) for name in parse_refine_chain(self.config.refine)]
+        chain = [*self.method.refiners(), *user_chain]
+        dtype = PRECISIONS[self.config.precision]
+        return [
+            create_refiner(name, device=self.backbone.device, dtype=dtype, **options)
+            for name, options in chain
+        ]
+
+    def settings(self) -> dict[str, object]:
+        """The effective settings, JSON-ready: enough to reproduce a result."""
+        from zegkit import __version__
+
+        templates = self.templates
+        return {
+            "method": method_name(self.method),
+            "method_config": _jsonable(asdict(self.method.config)),
+            "inference": asdict(self.config),
+            "model": self.backbone.name,
+            "templates": templates if isinstance(templates, str) else list(templates),
+            "protocol": self.protocol,
+            "zegkit_version": __version__,
+        }
 
     def set_vocabulary(
         self, classes: Sequence[str], templates: str | Sequence[str] | None = None
@@ -137,8 +169,12 @@ class Segmenter:
         return self.text
 
     @torch.no_grad()
-    def probabilities(self, images: Tensor) -> Tensor:
-        """Class probabilities (B, K, H, W) for images (B, 3, H, W) with values in [0, 1]."""
+    def scores(self, images: Tensor) -> DenseScores:
+        """The method's refined scores at the images' resolution, for images (B, 3, H, W) in [0, 1].
+
+        Raises:
+            ValueError: images of another layout.
+        """
         text = self._require_text()
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
@@ -148,26 +184,27 @@ class Segmenter:
         height, width = images.shape[-2:]
         size = resized_size(height, width, self.config.short_side)
         pixels = self.backbone.normalize(resize(images, size))
-        logits = self._stitched_logits(pixels, text)
-        logits = self.refiner(images, resize(logits, (height, width)))
-        probabilities = class_probabilities(
-            logits, text.class_index, text.num_classes, self.logit_scale
-        )
-        if self.method_refiner is not None:
-            probabilities = self.method_refiner(images, probabilities)
-        return probabilities
+        values = resize(self._stitched_scores(pixels, text), (height, width))
+        scores = DenseScores(values, self.method.activation(), self.method.rows)
+        for refiner in self.refiners:
+            scores = refiner(images, scores)
+        return scores
 
-    def _stitched_logits(self, pixels: Tensor, text: TextEmbeddings) -> Tensor:
-        """Cosine logits (B, Q, h, w) over the resized image, by the configured mode."""
+    def probabilities(self, images: Tensor) -> Tensor:
+        """Class probabilities (B, K, H, W) for images (B, 3, H, W) with values in [0, 1]."""
+        return class_probabilities(self.scores(images), self._require_text())
 
-        def crop_logits(crops: Tensor) -> Tensor:
+    def _stitched_scores(self, pixels: Tensor, text: TextEmbeddings) -> Tensor:
+        """The method's scores (B, R, h, w) over the resized image, by the configured mode."""
+
+        def crop_scores(crops: Tensor) -> Tensor:
             return self.method(self.backbone, crops, text)
 
         dtype = PRECISIONS[self.config.precision]
         with torch.autocast(pixels.device.type, dtype=dtype, enabled=dtype != torch.float32):
             if self.config.mode == "whole":
-                return whole_logits(crop_logits, pixels, self.backbone.patch_size)
-            return sliding_logits(crop_logits, pixels, self.config)
+                return whole_scores(crop_scores, pixels, self.backbone.patch_size)
+            return sliding_scores(crop_scores, pixels, self.config)
 
     def predict(self, images: Tensor) -> Tensor:
         """Labels (B, H, W) for images (B, 3, H, W) in [0, 1]; background threshold applied."""
@@ -184,39 +221,87 @@ class Segmenter:
             labels=labels[0].cpu().numpy().astype(np.int64),
             class_names=list(text.class_names),
             scores=probabilities[0].mean(dim=(1, 2)).cpu().numpy(),
+            settings=self.settings(),
         )
 
     __call__ = segment
+
+
+def _jsonable(value: object) -> object:
+    """Tuples as lists, paths as strings: a config as JSON writes it."""
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def resolve_settings(
+    method: str, protocol: Protocol | None, settings: Mapping[str, object]
+) -> tuple[dict[str, object], dict[str, object]]:
+    """(method settings, inference settings) by precedence: the explicit `settings` (None means
+    unset) > the protocol's values for `method` > the defaults (left out: the configs have them).
+
+    Keys of `settings` that are InferenceConfig fields go to inference, all others to the method
+    (whose factory rejects unknown ones, listing the valid ones).
+    """
+    explicit = {key: value for key, value in settings.items() if value is not None}
+    inference = dict(protocol.inference_overrides()) if protocol is not None else {}
+    method_settings = protocol.settings_for(method) if protocol is not None else {}
+    for key, value in explicit.items():
+        (inference if key in INFERENCE_FIELDS else method_settings)[key] = value
+    return method_settings, inference
 
 
 def load_segmenter(
     method: str = "sclip",
     model: str | os.PathLike = DEFAULT_MODEL,
     *,
+    backbone: ClipBackbone | None = None,
     device: str | torch.device = "cpu",
-    inference: InferenceConfig | None = None,
+    tokenizer: str | None = None,
     templates: str | Sequence[str] = "imagenet",
-    **overrides: object,
+    protocol: str | Protocol | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    **settings: object,
 ) -> Segmenter:
-    """Build a Segmenter from a method name and a CLIP model.
+    """Build a Segmenter: the one builder behind the API, `zegkit segment` and `zegkit eval`.
 
     Args:
         method: a name from `zegkit.list_methods()`.
         model: hub id, local directory, checkpoint file, or "zegkit/tiny-synthetic".
+        backbone: an already loaded CLIP to use instead of loading `model`.
         device: where to run.
-        inference: the inference protocol (defaults: InferenceConfig()).
+        tokenizer: tokenizer source for a bare checkpoint file (see `zegkit.backbone.load_clip`).
         templates: prompt templates for vocabularies.
-        **overrides: InferenceConfig fields (e.g. precision="bf16", refine="pamr") and method
+        protocol: an evaluation protocol (name or object) whose inference settings and values
+            for this method apply unless `settings` sets them.
+        checkpoint: a trained method's file (`zegkit.methods.checkpoint.save_method`); its
+            config is the base the protocol's and explicit settings apply to.
+        **settings: InferenceConfig fields (e.g. precision="bf16", refine="pamr") and method
             settings (e.g. logit_scale=50); None values are ignored.
 
     Raises:
-        ValueError: unknown method or setting, listing the valid ones.
+        ValueError: unknown method, protocol or setting, listing the valid ones.
+        RuntimeError: a checkpoint made for another method or backbone.
     """
-    inference_fields = set(InferenceConfig.__dataclass_fields__)
-    inference_overrides = {
-        k: v for k, v in overrides.items() if k in inference_fields and v is not None
-    }
-    method_overrides = {k: v for k, v in overrides.items() if k not in inference_fields}
-    built_method = create_method(method, **method_overrides)
-    config = replace(inference or InferenceConfig(), **inference_overrides)
-    return Segmenter(load_clip(model, device=device), built_method, config, templates=templates)
+    chosen = get_protocol(protocol) if isinstance(protocol, str) else protocol
+    method_settings, inference = resolve_settings(method, chosen, settings)
+    if backbone is None:
+        backbone = load_clip(model, device=device, tokenizer_source=tokenizer)
+    if checkpoint is None:
+        built = create_method(method, **method_settings)
+        built.build(backbone)
+    else:
+        from zegkit.methods.checkpoint import load_method
+
+        built = load_method(checkpoint, backbone, method=method, **method_settings)
+    return Segmenter(
+        backbone,
+        built,
+        InferenceConfig(**inference),
+        templates=templates,
+        protocol=None if chosen is None else chosen.name,
+    )

@@ -1,6 +1,7 @@
 """Regenerate the golden outputs of every method: `python tests/golden/make_golden.py`.
 
-Each case runs `Segmenter.probabilities` on a seeded tiny random CLIP and records a strided slice
+Each case builds a Segmenter with `load_segmenter` and runs `Segmenter.probabilities` on a seeded
+tiny random CLIP and records a strided slice
 of the class probabilities in `methods.json`. `tests/test_golden.py` compares against it, so a
 refactor that changes any method's numbers fails. Regenerate only for a change you mean and
 explain it in the commit.
@@ -21,14 +22,12 @@ from conftest import WORDS, make_tiny_clip  # noqa: E402
 
 from zegkit.backbone import ClipBackbone  # noqa: E402
 from zegkit.backbone.tokenizer import train_clip_tokenizer  # noqa: E402
-from zegkit.inference import InferenceConfig  # noqa: E402
-from zegkit.methods import create_method  # noqa: E402
-from zegkit.segmenter import Segmenter  # noqa: E402
+from zegkit.segmenter import load_segmenter  # noqa: E402
 
 GOLDEN_FILE = HERE / "methods.json"
 CLASSES = ["dog; cat", "grass", "sky; cloud", "red star", "water"]
 STEP = 16  # every 16th pixel of each axis goes into the slice
-INFERENCE = dict(short_side=None, crop=64, stride=32)
+INFERENCE = dict(short_side=96, crop=64, stride=32)  # 96: the images' own short side
 
 # case name -> (method, method settings, inference settings beyond INFERENCE)
 CASES: dict[str, tuple[str, dict, dict]] = {
@@ -62,9 +61,8 @@ def golden_backbone() -> ClipBackbone:
 def run_case(backbone: ClipBackbone, name: str) -> torch.Tensor:
     """The strided probability slice (B, K, h, w) of one case."""
     method, method_settings, inference = CASES[name]
-    segmenter = Segmenter(
-        backbone, create_method(method, **method_settings),
-        InferenceConfig(**INFERENCE, **inference),
+    segmenter = load_segmenter(
+        method, backbone=backbone, **INFERENCE, **inference, **method_settings
     )
     segmenter.set_vocabulary(CLASSES, templates="single")
     return segmenter.probabilities(golden_images())[..., ::STEP, ::STEP]

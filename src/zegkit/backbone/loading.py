@@ -147,9 +147,14 @@ def _looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and not text.lower().endswith(CHECKPOINT_SUFFIXES)
 
 
+def hub_offline() -> bool:
+    """Whether Hugging Face loaders may use only the local cache (HF_HUB_OFFLINE is set)."""
+    return bool(hub_constants.HF_HUB_OFFLINE)
+
+
 def _offline_note() -> str:
     """Explain where the hub loader looked, depending on HF_HUB_OFFLINE."""
-    if hub_constants.HF_HUB_OFFLINE:
+    if hub_offline():
         return (f"HF_HUB_OFFLINE=1 is set, so only the local cache ({hub_constants.HF_HUB_CACHE}) "
                 "was searched")
     return ("it is neither in the local cache nor downloadable (check the id and your network; "
@@ -282,7 +287,7 @@ def _load_checkpoint(path: Path, tokenizer_source: str | os.PathLike | None, hid
     """Load an OpenAI / open_clip checkpoint file: tokenizer first (cheap), then convert weights."""
     tokenizer, tokenizer_name = _load_tokenizer(_checkpoint_tokenizer(path, tokenizer_source),
                                                 str(path))
-    state_dict = _read_checkpoint(path)
+    state_dict = read_state_dict(path)
     if TOKEN_EMBEDDING_KEY in state_dict:  # check before its special ids shape the config
         check_tokenizer(tokenizer, state_dict[TOKEN_EMBEDDING_KEY].shape[0], tokenizer_name)
     config, converted = convert_openai_state_dict(state_dict, hidden_act=hidden_act,
@@ -309,8 +314,14 @@ def _checkpoint_tokenizer(path: Path, tokenizer_source: str | os.PathLike | None
     )
 
 
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Read the tensors of a checkpoint file without executing pickled code."""
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read the tensors of a checkpoint file without executing pickled code: safetensors,
+    TorchScript archives, and torch files holding a state dict or {"state_dict": ...}.
+
+    Raises:
+        ValueError: an unsupported suffix, or a file that holds no state dict.
+        RuntimeError: a file that cannot be read (truncated, or pickled objects).
+    """
     if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise ValueError(
             f"Unsupported checkpoint file {path.name!r}: expected one of {CHECKPOINT_SUFFIXES} "

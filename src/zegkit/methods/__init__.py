@@ -46,9 +46,21 @@ def create_method(name: str, **overrides: object) -> Method:
     return method_class(config)
 
 
+def method_name(method: Method) -> str:
+    """The name `create_method` knows `method` by.
+
+    Raises:
+        ValueError: a method class that is not in METHODS.
+    """
+    for name, (_, method_class) in METHODS.items():
+        if type(method) is method_class:
+            return name
+    raise ValueError(f"{type(method).__name__} is not a registered method ({sorted(METHODS)}).")
+
+
 def list_methods() -> dict[str, str]:
     """Method names with their one-line descriptions."""
     return {name: method.description for name, (_, method) in METHODS.items()}
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "create_method", "list_methods"]
+__all__ = ["METHODS", "Method", "MethodConfig", "create_method", "list_methods", "method_name"]

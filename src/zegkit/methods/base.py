@@ -1,21 +1,30 @@
-"""The method protocol and the mechanics the training-free methods share.
+"""The method contract and the mechanics the training-free methods share.
 
-A method turns normalised crops into dense logits over the vocabulary's text rows. Most methods do
-it in two separable steps, so a method's feature surgery can feed another classifier or decoder:
-`dense_features` (B, D, h, w) in the joint space, then cosine similarity with the text embeddings.
-Methods whose visual pass depends on the text (e.g. ClsCLIP) override `forward` instead.
+A method turns normalised crops into dense scores over the vocabulary's text rows, and says how
+those scores become probabilities (`activation`: its own temperature and softmax, sigmoid, or
+probabilities already) and which rows it scored (`rows`). Most methods do it in two separable
+steps, so a method's feature surgery can feed another classifier or decoder: `dense_features`
+(B, D, h, w) in the joint space, then cosine similarity with the text embeddings. Methods whose
+visual pass depends on the text (e.g. ClsCLIP) override `forward` instead.
+
+Trained methods also create backbone-sized parameters in `build(backbone)`, return their loss on a
+`Batch` from `loss`, and are saved and loaded as one file by `zegkit.methods.checkpoint`; their
+trained tensors are exactly `state_dict()` (the frozen backbone is not part of a method).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zegkit.backbone import BlockSurgery, ClipBackbone
+from zegkit.scores import Activation
 from zegkit.text import TextEmbeddings
+
+# (name, options) of a refiner a method applies as part of itself; see zegkit.refine.
+RefinerSpec = tuple[str, dict[str, object]]
 
 
 def token_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -37,38 +46,91 @@ class MethodConfig:
     """Settings every method has.
 
     Attributes:
-        logit_scale: temperature applied to cosine logits before the softmax over the vocabulary;
-            each method's default is its paper's (inference settings may override it).
+        logit_scale: temperature s of softmax(s · cos) over the vocabulary; each method's default
+            is its paper's (a protocol or the user may set another).
     """
 
     logit_scale: float = 40.0
 
+    def __post_init__(self) -> None:
+        if self.logit_scale <= 0:
+            raise ValueError(f"logit_scale must be positive, got {self.logit_scale}.")
+
+
+@dataclass
+class Batch:
+    """A training batch for a trained method's `loss`.
+
+    Attributes:
+        pixels: (B, 3, H, W) images normalised for the backbone.
+        labels: (B, H, W) int64 class indices into the vocabulary; IGNORE_INDEX is not scored.
+        seen: (K,) bool, the classes the loss may see (the zero-shot split's seen classes);
+            None: every class of the vocabulary.
+    """
+
+    pixels: Tensor
+    labels: Tensor
+    seen: Tensor | None = None
+
 
 class Method(nn.Module):
-    """A zero-shot segmentation method: normalised crops + text embeddings -> dense logits.
+    """A zero-shot segmentation method: normalised crops + text embeddings -> dense scores.
 
     Subclasses set `description` (one line for `zegkit methods`) and implement `dense_features`,
-    or override `forward` when their visual pass needs the text.
+    or override `forward` when their visual pass needs the text. `rows` is "synonyms" when the
+    scores are over `text.classifier` (one row per synonym if the vocabulary takes the max over
+    synonyms) and "classes" when they are over `text.embeddings` (one row per class).
     """
 
     description: str = ""
+    rows: str = "synonyms"
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
         self.config = config
+
+    def activation(self) -> Activation:
+        """How this method's scores become probabilities: softmax(logit_scale · scores)."""
+        return Activation("softmax", self.config.logit_scale)
+
+    def refiners(self) -> tuple[RefinerSpec, ...]:
+        """Refiners the method's paper applies as part of the method (none by default); the
+        Segmenter runs them before the user's `refine` chain."""
+        return ()
 
     def dense_features(self, backbone: ClipBackbone, pixels: Tensor) -> Tensor:
         """L2-normalised dense features (B, D, h, w) in the joint image-text space."""
         raise NotImplementedError(f"{type(self).__name__} has no text-independent dense features.")
 
     def forward(self, backbone: ClipBackbone, pixels: Tensor, text: TextEmbeddings) -> Tensor:
-        """Cosine logits (B, Q, h, w) of crops `pixels` (B, 3, H, W) against the text rows."""
+        """Scores (B, R, h, w) of crops `pixels` (B, 3, H, W) against the text rows (`rows`)."""
         return cosine_logits(self.dense_features(backbone, pixels), text.classifier)
 
-    def build_refiner(self, device: str | torch.device = "cpu") -> nn.Module | None:
-        """A refinement step the method itself prescribes, applied to the class probabilities
-        of whole images as `refiner(images in [0, 1], probabilities)`; None when it has none."""
-        return None
+    # ---- training ------------------------------------------------------------------------------
+    def build(self, backbone: ClipBackbone) -> None:
+        """Create the parameters sized for `backbone` (trained methods); training-free: nothing.
+
+        Called once before training or before loading trained tensors.
+        """
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the method has parameters to train."""
+        return any(True for _ in self.trainable_parameters())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimiser should update (the backbone is never among them)."""
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
+
+    def loss(self, backbone: ClipBackbone, batch: Batch, text: TextEmbeddings) -> dict[str, Tensor]:
+        """Loss terms on a batch; their sum is minimised. Training-free methods have none.
+
+        Returns:
+            {"loss": total, <term>: value, ...}, scalars.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} is training-free: it has no parameters and no loss."
+        )
 
 
 class LastBlockMethod(Method):

@@ -13,13 +13,14 @@ seen classes (inductive zero-shot); CLIP stays frozen. ClsCLIP+ adds a local zoo
 by ClsCLIP one by one, and the region masks are merged with OR.
 
 What zegkit implements.
-- The one-way [CLS] navigation through the backbone's ``cls_override`` hook, with every
+- The one-way [CLS] navigation through the backbone's token injection
+  (``TokenInjection.cls``), with every
   (image, class) pair a row of one batched backbone call (``pair_batch`` rows at a time). Output:
   one score map per class, B x K x h x w, from the class rows ``text.embeddings`` (synonyms
   averaged: each row costs a full backbone pass).
 - The trained parts as ``ClsCLIPHead`` (the L_i and the decoder), loaded from ``checkpoint``;
   they will be trained by the trained-methods loop. With a head, the scores are the decoder's
-  foreground logits; use ``logit_scale=1`` at inference.
+  foreground logits, read with a sigmoid per class.
 - Without a checkpoint, a parameter-free stand-in (not in the paper) so the method runs
   training-free: L_i becomes the minimum-norm inverse of CLIP's visual head (visual_projection
   after post_layernorm's gain, with a zero-mean constraint, so that the injected token projects
@@ -48,9 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zegkit.backbone import BlockSurgery, ClipBackbone
+from zegkit.backbone import BlockSurgery, ClipBackbone, TokenInjection
 from zegkit.backbone.attention import check_attention
+from zegkit.backbone.loading import read_state_dict
 from zegkit.methods.base import Method, MethodConfig
+from zegkit.scores import Activation
 from zegkit.text import TextEmbeddings
 
 # The paper replaces the [CLS] of layers N1 <= i < N2 = 2, 3, 4 of ViT-B/16's 12 layers (its
@@ -77,8 +80,8 @@ class ClsCLIPConfig(MethodConfig):
             ATTENTION table); "vanilla" is the paper's unmodified encoder.
         pair_batch: (image, class) pairs per backbone call; bounds memory, each pair is a full
             pass over one crop.
-        logit_scale: temperature of the cosine scores of the stand-in readout (the field's 40);
-            use 1 with a trained head, whose scores are logits already.
+        logit_scale: temperature of the softmax over the cosine scores of the stand-in readout
+            (the field's 40); a trained head's foreground logits go through a sigmoid instead.
     """
 
     layers: tuple[int, ...] | None = None
@@ -180,15 +183,7 @@ def load_head(path: str | Path, decoder_heads: int = 4) -> ClsCLIPHead:
             f"No ClsCLIP checkpoint at {str(path)!r}. Pass the file written by zegkit's training "
             "loop, or checkpoint=None for the training-free stand-in."
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or not state:
-        raise RuntimeError(f"{str(path)!r} holds no state dict of tensors.")
+    state = read_state_dict(path)
     state = {key.removeprefix("head."): value for key, value in state.items()}
     if "token_proj.0.weight" not in state or "decoder.reduce.weight" not in state:
         raise RuntimeError(
@@ -268,6 +263,7 @@ class ClsCLIP(Method):
     """One-way [CLS] navigation: each class's text token steers a full pass of the vision tower."""
 
     description = "text [CLS] replaces the visual [CLS] in shallow layers; a pass per class (2023)"
+    rows = "classes"
 
     def __init__(self, config: ClsCLIPConfig) -> None:
         super().__init__(config)
@@ -277,6 +273,13 @@ class ClsCLIP(Method):
         self.head: ClsCLIPHead | None = None
         if config.checkpoint is not None:
             self.head = load_head(config.checkpoint, config.decoder_heads)
+
+    def activation(self) -> Activation:
+        """A trained head's foreground logits: a sigmoid per class (each pass answers one class,
+        as the paper's 1-way episodes); the stand-in's cosines: the softmax over classes."""
+        if self.head is not None:
+            return Activation("sigmoid")
+        return super().activation()
 
     def forward(self, backbone: ClipBackbone, pixels: Tensor, text: TextEmbeddings) -> Tensor:
         """Scores (B, K, h, w) of crops `pixels` (B, 3, H, W) for each class row of `text`.
@@ -299,7 +302,7 @@ class ClsCLIP(Method):
             image, row = pairs // num_classes, pairs % num_classes  # image-major order
             override = {layer: tokens(i, image, row) for i, layer in enumerate(layers)}
             out = backbone.forward_intermediates(
-                pixels[image], indices=[], surgery=surgery, cls_override=override
+                pixels[image], indices=[], surgery=surgery, inject=TokenInjection(cls=override)
             )
             scores.append(self._readout(backbone, out.hidden, out.grid, classes[row]))
         return torch.cat(scores).reshape(batch, num_classes, *out.grid)
