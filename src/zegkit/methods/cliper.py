@@ -1,42 +1,57 @@
 """CLIPer — "CLIPer: Hierarchically Improving Spatial Representation of CLIP for Open-Vocabulary
 Semantic Segmentation", Sun, Cao, Xie, Jiang, Pang, ICCV 2025 (arXiv 2411.13836).
 
-Public code: linsun449/cliper.code @ 85fbe81 (`modified_clip/model.py::CLIPer.forward_transformer`,
-`custom_attn` "fused-attn", `forward`; `ovs/pipeline.py`; `scripts/config/vit-b-16/*.yaml`), read
-beside the first release @ 0bfad0d.
+Public code: linsun449/cliper.code @ 85fbe81 (HEAD; `modified_clip/model.py::CLIPer`
+`forward_transformer`, `custom_attn` "fused-attn", `forward`, `upsample_pos_emb`;
+`ovs/pipeline.py`; `scripts/config/vit-b-16/*.yaml`), read beside the first release @ 0bfad0d.
 
 Change (early-layer fusion, this file): the attention maps of all early layers 1..N-1 (CLIP's own
 q-k attention, per head) are averaged into Ā, which replaces the last layer's attention; the last
 layer keeps neither its residual nor its feed-forward path. The last layer is run once per early
 layer embedding Fⁿ (n = 0..N-1), each output projected into the joint space and scored against the
-text; the N segmentation maps softmax(s · cos) are averaged into the coarse map. The fine-grained
-compensation (Stable Diffusion self-attention) is a separate refiner, `zegkit.diffusion`, that
-works after any method; `CLIPer.build_refiner` builds it, or warns once and runs fusion-only when
-`diffusers` is not installed.
+text; the N segmentation maps softmax(s · cos) are averaged into the coarse map S_c. Details from
+the code (the paper's method text summarises them as "average"): Ā is normalised before use —
+columns then rows to sum 1, symmetrised, each column's mean subtracted and negatives clipped, rows
+renormalised — and the map of one layer (`propagate_layer`, the code's `select_layer`) is
+thresholded at `propagate_threshold` of each class's maximum, propagated by the head-averaged Ā
+over patches and added to the average.
 
-Details from the code (the paper's method text summarises them as "average"): Ā is normalised
-before use — columns then rows to sum 1, symmetrised, each column's mean subtracted and negatives
-clipped, rows renormalised — and the map of one layer (`propagate_layer`, the code's
-`select_layer`) is thresholded at `propagate_threshold` of each class's maximum, propagated by the
-head-averaged Ā over patches and added to the average.
+Output: `forward` returns S_c renormalised over the class rows (rows = "classes"), already
+probabilities (activation "identity"). The fine-grained compensation (Stable Diffusion
+self-attention) is the "diffusion" refiner of `zegkit.refine`; `refiners()` names it, with
+CLIPer's threshold, when `compensation` is on, and the Segmenter runs it on the stitched map.
 
-Deviations: the code normalises Ā in place on a shared tensor, so its k-th last-layer pass sees k+1
-column/row normalisations; we normalise once. @85fbe81 propagates with Āᵀ (`seg @ attn`), @0bfad0d
-with Ā (`attn @ seg`); we use Ā, and average all N maps as @85fbe81 does. The code feeds the early
-embeddings through each layer's own layer_norm1 before the last layer (a double LayerNorm);
-we feed the embeddings Fⁿ as the paper writes them (`early_input="layer_norm"` gives the code's).
-The code's extra softmax row (the mean foreground text embedding), its 0.5/0.5 mix of whole-image
-and sliding-window maps with cross-crop attention stitching, and its per-class score filter
-(`cam_to_label`) are not reproduced; zegkit's shared inference protocol decides the labels.
+Two readings, one setting `variant`:
 
-Output: `forward` returns log(S_c) / s, so the shared decision softmax(s · logits) gives back the
-coarse map S_c (renormalised over the text rows) when run at the method's logit scale s.
+- "paper" (default): the formulas as the paper writes them — the embeddings Fⁿ enter the last
+  layer, Ā is normalised once, propagation is Ā · τ(S_sel) (as @0bfad0d, `attn @ seg`), the mean
+  is over the unthresholded maps.
+- "released": the released code's behaviour, which differs in five places:
+  1. Early embeddings are LayerNormed twice: slot n < N-1 holds layer n's own `ln_1(Fⁿ)`, which
+     the last layer's `ln_1` normalises again (`forward_transformer`: `img_features[i] = ln_x`,
+     then `model_res.ln_1(x)`).
+  2. The fused attention is renormalised in place on every pass: `custom_attn` divides the shared
+     `attn_mask` by its column sums, then its row sums, in place, before the rest of the chain,
+     so the k-th of the N passes (k = 1..N) sees k column/row normalisations; the propagation
+     uses the last pass's attention.
+  3. Propagation with the transposed attention: `forward` computes `seg_last @ attn`, i.e. patch
+     j receives Σ_i S_sel[i] Ā[i, j] = (Āᵀ S_sel)[j] (@85fbe81; @0bfad0d used `attn @ seg`).
+  4. The threshold is applied to the selected map in place (`seg_last[...] = 0` on a view of
+     `seg`) before `seg.mean(0)`, so the mean holds the thresholded map.
+  5. Position embeddings rounded through float16 (`upsample_pos_emb` returns `emb.half()`).
+     NOT reproduced yet: it needs a backbone option to round the position table for one forward
+     (requested); both variants use the backbone's float32 positions.
+  The code also resizes position embeddings bilinearly (zegkit's backbone: bicubic, as
+  `transformers`), a difference left with the backbone.
+
+Not reproduced in either variant: the code's extra softmax rows (background words, see
+`zegkit.data.protocols` CLIPer protocols, and the mean foreground text embedding), its 0.5/0.5 mix
+of whole-image and sliding-window maps with cross-crop attention stitching, and its per-class
+score filter (`util/miou.py::cam_to_label`); zegkit's shared inference protocol decides labels.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -44,20 +59,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zegkit.backbone import ClipBackbone
-from zegkit.methods.base import Method, MethodConfig, token_map
+from zegkit.methods.base import Method, MethodConfig, RefinerSpec, token_map
+from zegkit.refine.diffusion import ATTENTION_THRESHOLD, SD_MODEL, require_weights
+from zegkit.scores import Activation
 from zegkit.text import TextEmbeddings
 
-logger = logging.getLogger(__name__)
-
-EARLY_INPUTS = ("residual", "layer_norm")
-CLIPER_LOGIT_SCALE = 100.0  # scripts/config/vit-b-16/*.yaml (ViT-L/14 configs use 50)
-PROPAGATE_THRESHOLD = 0.2  # attention_thr of the ViT-B/16 Context / Context59 / ADE configs
+VARIANTS = ("paper", "released")
+CLIPER_LOGIT_SCALE = 100.0  # scripts/config/vit-b-16/*.yaml (Object / Stuff 50; ViT-L/14 50-100)
 NORMALIZE_EPS = 1e-12  # guards the row/column sums of the fused attention against 0
-# The name of the default Stable Diffusion weights lives in zegkit.diffusion (SD_MODEL); kept as a
-# string here so that importing this file never imports diffusers.
-DEFAULT_DIFFUSION_MODEL = "stabilityai/stable-diffusion-2-1-base"
-
-_warned_fusion_only = False
 
 
 @dataclass
@@ -66,56 +75,66 @@ class CLIPerConfig(MethodConfig):
 
     Attributes:
         logit_scale: s in softmax(s · cos) of every layer's segmentation map (ViT-B/16 configs 100,
-            ViT-L/14 50).
-        early_input: which embedding of layer n enters the last layer: "residual" = Fⁿ, the
-            layer's output (paper), "layer_norm" = layer n's layer_norm1(Fⁿ) (code).
+            50 for COCO-Object / Stuff; ViT-L/14 50-100).
+        variant: "paper" (the paper's formulas) or "released" (the released code's behaviour, see
+            the module docstring).
         normalize_attention: normalise the averaged early attention as the code's "fused-attn"
             (column/row sums, symmetrise, keep above-column-mean affinities); default True.
         propagate_layer: index (0..N-1, negatives from the end) of the map that is thresholded,
             propagated by the fused attention and added to the average (code `select_layer`:
-            -1 for ViT-B/16, -2 for ViT-L/14); None keeps the plain average.
+            -1 for ViT-B/16, -2 for most ViT-L/14 configs); None keeps the plain average.
         propagate_threshold: values of that map below this fraction of its class maximum are
-            zeroed before propagation (code `attention_thr`, 0.2 for most ViT-B/16 datasets).
-        compensation: apply the fine-grained compensation built by `build_refiner` (paper: on);
+            zeroed before propagation (code `attention_thr`: 0.1 VOC, 0.2 most, 0.35 Cityscapes).
+        compensation: run the fine-grained compensation, the "diffusion" refiner (paper: on);
             False runs fusion-only.
         diffusion_model: Stable Diffusion weights (hub id or local diffusers directory) for the
             compensation (the paper's: SD 2.1 base).
+        diffusion_threshold: the compensation's attention threshold (the code's same
+            `attention_thr` key sets both thresholds).
     """
 
     logit_scale: float = CLIPER_LOGIT_SCALE
-    early_input: str = "residual"
+    variant: str = "paper"
     normalize_attention: bool = True
     propagate_layer: int | None = -1
-    propagate_threshold: float = PROPAGATE_THRESHOLD
+    propagate_threshold: float = ATTENTION_THRESHOLD
     compensation: bool = True
-    diffusion_model: str = DEFAULT_DIFFUSION_MODEL
+    diffusion_model: str = SD_MODEL
+    diffusion_threshold: float = ATTENTION_THRESHOLD
 
     def __post_init__(self) -> None:
-        if self.early_input not in EARLY_INPUTS:
+        super().__post_init__()
+        if self.variant not in VARIANTS:
             raise ValueError(
-                f"early_input must be one of {EARLY_INPUTS}, got {self.early_input!r} "
-                "('residual': the layer outputs, as the paper; 'layer_norm': as the code)."
+                f"variant must be one of {VARIANTS}, got {self.variant!r} ('paper': the paper's "
+                "formulas; 'released': the released code's behaviour)."
             )
-        if not 0.0 <= self.propagate_threshold <= 1.0:
-            raise ValueError(
-                f"propagate_threshold is a fraction of each class maximum in [0, 1], got "
-                f"{self.propagate_threshold}."
-            )
-        if self.logit_scale <= 0:
-            raise ValueError(f"logit_scale must be positive, got {self.logit_scale}.")
+        for name in ("propagate_threshold", "diffusion_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(
+                    f"{name} is a fraction of a maximum in [0, 1), got {value} (the code uses "
+                    "0.1, 0.2 or 0.35)."
+                )
 
 
-def normalize_fused_attention(attention: Tensor) -> Tensor:
-    """The code's "fused-attn" normalisation of averaged attention maps (..., T, T).
-
-    Columns are scaled to sum 1, then rows; the result is symmetrised, each column's mean over
-    the rows is subtracted, negatives are clipped, and rows are scaled to sum 1 again.
-    """
+def balance_attention(attention: Tensor) -> Tensor:
+    """One column-then-row normalisation of attention maps (..., T, T): the code's in-place step."""
     attention = attention / attention.sum(-2, keepdim=True).clamp_min(NORMALIZE_EPS)
-    attention = attention / attention.sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS)
+    return attention / attention.sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS)
+
+
+def symmetric_affinity(attention: Tensor) -> Tensor:
+    """The rest of the code's "fused-attn" chain on balanced maps (..., T, T): symmetrise,
+    subtract each column's mean over the rows, clip negatives, rows to sum 1."""
     attention = (attention + attention.transpose(-2, -1)) / 2
     attention = (attention - attention.mean(-2, keepdim=True)).clamp_min(0)
     return attention / attention.sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS)
+
+
+def normalize_fused_attention(attention: Tensor) -> Tensor:
+    """The code's "fused-attn" normalisation of averaged attention maps (..., T, T), once."""
+    return symmetric_affinity(balance_attention(attention))
 
 
 class CLIPer(Method):
@@ -124,6 +143,34 @@ class CLIPer(Method):
     description = (
         "early-layer attention + embedding fusion in the last block, SD refiner (ICCV 2025)"
     )
+    rows = "classes"
+
+    def activation(self) -> Activation:
+        """The coarse map is a probability map already."""
+        return Activation("identity")
+
+    def refiners(self) -> tuple[RefinerSpec, ...]:
+        """The fine-grained compensation ("diffusion" refiner) when `compensation` is on.
+
+        Raises:
+            RuntimeError / FileNotFoundError: `compensation` is on but `diffusers` is not
+                installed or the Stable Diffusion weights cannot be found; the message says what
+                to install or download, or to set compensation=False for fusion-only.
+        """
+        if not self.config.compensation:
+            return ()
+        try:
+            require_weights(self.config.diffusion_model)
+        except (RuntimeError, FileNotFoundError) as error:
+            raise type(error)(
+                f"CLIPer's fine-grained compensation cannot run: {error} Or set "
+                "compensation=False to run CLIPer fusion-only (no Stable Diffusion stage)."
+            ) from error
+        options = {
+            "model": self.config.diffusion_model,
+            "threshold": self.config.diffusion_threshold,
+        }
+        return (("diffusion", options),)
 
     def fused_features(self, backbone: ClipBackbone, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """The last layer run on every early embedding with the fused early attention.
@@ -134,8 +181,8 @@ class CLIPer(Method):
 
         Returns:
             features: (N, B, h*w, D) L2-normalised patch embeddings in the joint space, one per
-                early embedding F⁰..F^{N-1}.
-            attention: (B, heads, T, T) the fused early attention used by the last layer.
+                early embedding slot 0..N-1.
+            attention: (B, heads, T, T) the fused attention of the last pass, which propagates.
 
         Raises:
             ValueError: the backbone has a single layer (no early layers to fuse).
@@ -149,22 +196,39 @@ class CLIPer(Method):
         out = backbone.forward_intermediates(
             pixels, indices=early[:-1], stop_early=True, return_attention=early
         )
-        attention = sum(out.attention[i] for i in early) / len(early)  # (B, heads, T, T)
-        if self.config.normalize_attention:
-            attention = normalize_fused_attention(attention)
+        mean = sum(out.attention[i] for i in early) / len(early)  # (B, heads, T, T)
         inputs = self._early_inputs(backbone, pixels, out)  # (N, B, T, C)
-        tokens = backbone.attention_branch(layers - 1, inputs, attention)
+        attentions = self._pass_attentions(mean, len(inputs))
+        tokens = torch.stack(
+            [
+                backbone.attention_branch(layers - 1, x, attention)
+                for x, attention in zip(inputs, attentions, strict=True)
+            ]
+        )  # (N, B, T, C)
         features = F.normalize(backbone.project(tokens[..., 1:, :]), dim=-1)
-        return features, attention
+        return features, attentions[-1]
+
+    def _pass_attentions(self, mean: Tensor, passes: int) -> list[Tensor]:
+        """The attention (B, heads, T, T) each of the `passes` runs of the last layer uses."""
+        if not self.config.normalize_attention:
+            return [mean] * passes
+        if self.config.variant == "paper":
+            return [normalize_fused_attention(mean)] * passes
+        attentions = []
+        for _ in range(passes):  # the code's in-place balancing accumulates over the passes
+            mean = balance_attention(mean)
+            attentions.append(symmetric_affinity(mean))
+        return attentions
 
     def _early_inputs(self, backbone: ClipBackbone, pixels: Tensor, out) -> Tensor:
-        """F⁰..F^{N-1} (N, B, T, C): embedding, outputs of layers 0..N-2 ([CLS] first)."""
+        """The N inputs (N, B, T, C) of the last layer: F⁰..F^{N-2} ([CLS] first) — each through
+        its own layer's layer_norm1 in the released variant — and F^{N-1} as it is."""
         embeddings = [backbone.embed(pixels)]
         for prefix, tokens in zip(out.intermediate_prefix, out.intermediates, strict=True):
             embeddings.append(torch.cat([prefix[:, None], tokens], dim=1))
-        if self.config.early_input == "layer_norm":
+        if self.config.variant == "released":
             embeddings = [backbone.layers[n].layer_norm1(x) for n, x in enumerate(embeddings)]
-        embeddings.append(out.hidden)  # F^{N-1}, input of the last layer, as it is in both
+        embeddings.append(out.hidden)  # F^{N-1}, the last layer's normal input, in both
         return torch.stack(embeddings)
 
     def dense_features(self, backbone: ClipBackbone, pixels: Tensor) -> Tensor:
@@ -177,10 +241,10 @@ class CLIPer(Method):
         return token_map(features.mean(0), backbone.grid_size(pixels))
 
     def coarse_map(self, backbone: ClipBackbone, pixels: Tensor, text_rows: Tensor) -> Tensor:
-        """CLIPer's coarse segmentation map S_c (B, Q, h, w) over the text rows (Q, D).
+        """CLIPer's coarse segmentation map S_c (B, Q, h, w) over the text rows (Q, D), float32.
 
-        S_c = mean_n softmax(s · cos(Zⁿ, t)) + Ā_patch · τ(S^{sel}); the second term only when
-        `propagate_layer` is set (see the module docstring).
+        S_c = mean_n softmax(s · cos(Zⁿ, t)) + P · τ(S^{sel}), P = Ā over patches (Āᵀ in the
+        released variant); the second term only when `propagate_layer` is set.
         """
         features, attention = self.fused_features(backbone, pixels)
         # the maps in float32, also under autocast (bf16 would blur softmax(100 · cos))
@@ -190,13 +254,20 @@ class CLIPer(Method):
             maps = (scale * features @ text_rows.float().T).softmax(-1)  # (N, B, h*w, Q)
             coarse = maps.mean(0)
             if self.config.propagate_layer is not None:
-                chosen = maps[self._propagate_index(len(maps))]  # (B, h*w, Q)
-                floor = self.config.propagate_threshold * chosen.amax(dim=1, keepdim=True)
-                kept = torch.where(chosen < floor, torch.zeros_like(chosen), chosen)
-                patches = attention.mean(1)[:, 1:, 1:]  # (B, h*w, h*w)
-                coarse = coarse + patches @ kept
+                coarse = coarse + self._propagated(maps, attention)
         batch, _, rows = coarse.shape
         return coarse.transpose(1, 2).reshape(batch, rows, *backbone.grid_size(pixels))
+
+    def _propagated(self, maps: Tensor, attention: Tensor) -> Tensor:
+        """The propagation term (B, h*w, Q) of the chosen map; in the released variant it also
+        carries the correction that puts the thresholded map into the mean."""
+        chosen = maps[self._propagate_index(len(maps))]  # (B, h*w, Q)
+        floor = self.config.propagate_threshold * chosen.amax(dim=1, keepdim=True)
+        kept = torch.where(chosen < floor, torch.zeros_like(chosen), chosen)
+        patches = attention.mean(1)[:, 1:, 1:]  # (B, h*w, h*w)
+        if self.config.variant == "paper":
+            return patches @ kept
+        return patches.transpose(1, 2) @ kept + (kept - chosen) / len(maps)
 
     def _propagate_index(self, count: int) -> int:
         index = self.config.propagate_layer
@@ -208,55 +279,7 @@ class CLIPer(Method):
         return index
 
     def forward(self, backbone: ClipBackbone, pixels: Tensor, text: TextEmbeddings) -> Tensor:
-        """Logits (B, Q, h, w) whose softmax at the method's logit scale is the coarse map.
-
-        Returns log(S_c) / s in float32, clipped below at -1 (S_c ≥ e^-s, or float32's smallest
-        normal number for s > 87), so values stay in the cosine range the shared protocol expects.
-        """
-        scale = self.config.logit_scale
+        """Class probabilities (B, K, h, w), float32: the coarse map over the class rows
+        ``text.embeddings``, renormalised over the classes."""
         coarse = self.coarse_map(backbone, pixels, text.embeddings)
-        floor = max(math.exp(-scale), torch.finfo(torch.float32).tiny)
-        with torch.autocast(coarse.device.type, enabled=False):
-            return coarse.clamp_min(floor).log() / scale
-
-    def build_refiner(
-        self,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        **refiner_overrides: object,
-    ):
-        """The fine-grained compensation: a `zegkit.diffusion.DiffusionRefiner`, or None.
-
-        Args:
-            device: where the Stable Diffusion models live.
-            dtype: their weight dtype (float16 on GPUs, as the code runs).
-            **refiner_overrides: fields of `DiffusionRefinerConfig` (e.g. threshold, layers).
-
-        Returns None when `compensation` is off, or when `diffusers` is not installed (then a
-        warning says once that CLIPer runs fusion-only and how to install the extra).
-
-        Raises:
-            FileNotFoundError / RuntimeError: the Stable Diffusion weights cannot be found (the
-                message names what to download).
-        """
-        from zegkit import diffusion
-
-        if not self.config.compensation:
-            return None
-        if not diffusion.diffusers_available():
-            _warn_fusion_only()
-            return None
-        config = diffusion.DiffusionRefinerConfig(
-            model=self.config.diffusion_model, **refiner_overrides
-        )
-        return diffusion.DiffusionRefiner.from_pretrained(config, device=device, dtype=dtype)
-
-
-def _warn_fusion_only() -> None:
-    global _warned_fusion_only
-    if not _warned_fusion_only:
-        _warned_fusion_only = True
-        logger.warning(
-            "CLIPer runs fusion-only: its fine-grained compensation needs `diffusers`, which is "
-            "not installed. Install it with `pip install zegkit[diffusion]`."
-        )
+        return coarse / coarse.sum(1, keepdim=True)

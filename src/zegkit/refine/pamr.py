@@ -1,4 +1,4 @@
-"""Post-processing of dense class scores, chosen by name: ``REFINERS = {"none", "pamr"}``.
+"""PAMR, the ``"pamr"`` refiner: scores propagated along colour-similar neighbours.
 
 PAMR, Pixel-Adaptive Mask Refinement: Araslanov & Roth, "Single-Stage Semantic Segmentation from
 Image Labels", CVPR 2020 (arXiv 2005.08104); code visinf/1-stage-wseg ``models/mods/pamr.py``.
@@ -19,15 +19,14 @@ spreading at edges and the mask snaps to them.
 
 Logits or probabilities: either. Each step is a convex combination of neighbours, so it commutes
 with the logit scale (refining cosine logits, then scaling, equals scaling, then refining) and
-keeps probabilities summing to 1. zegkit, like SCLIP, passes logits at image resolution. The
-image's per-channel affine normalisation cancels in the ratio, so [0, 1] pixels and CLIP-
-normalised pixels give the same weights (up to the 1e-8).
+keeps probabilities summing to 1. So PAMR refines a `DenseScores`' values and keeps its
+activation: after SCLIP / NACLIP it refines their cosine logits before the softmax, as their code
+does. The image's per-channel affine normalisation cancels in the ratio, so [0, 1] pixels and
+CLIP-normalised pixels give the same weights (up to the 1e-8).
 
-Deviations from the reference code: scores at another size than the image are resized with
-``align_corners=False`` (the reference uses True; SCLIP always passes matching sizes); the
-neighbours' scores are accumulated one shift at a time instead of being stacked, so memory stays
-at about two copies of the scores for any number of dilations; the arithmetic runs in float32 and
-the result is cast back to the scores' dtype.
+Deviations from the reference code: the neighbours' scores are accumulated one shift at a time
+instead of being stacked, so memory stays at about two copies of the scores for any number of
+dilations; the arithmetic runs in float32 and the result is cast back to the scores' dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +36,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zegkit.refine.base import check_refiner_inputs
+from zegkit.scores import DenseScores
 
 PAMR_ITERATIONS = 10  # NACLIP configs (pamr_steps=10); the paper's PAMR_ITER = 10
 PAMR_DILATIONS = (8, 16)  # SCLIP / NACLIP pamr_stride; the paper uses (1, 2, 4, 8, 12, 24)
@@ -79,44 +81,12 @@ def local_affinity(image: Tensor, dilations: Sequence[int]) -> Tensor:
     return logits.softmax(dim=1)
 
 
-def _check_pair(image: Tensor, scores: Tensor) -> None:
-    if image.dim() != 4 or scores.dim() != 4:
-        raise ValueError(
-            f"Refinement needs an image B x 3 x H x W and scores B x K x h x w; got shapes "
-            f"{tuple(image.shape)} and {tuple(scores.shape)}. Add a batch dimension with "
-            "unsqueeze(0) for a single image."
-        )
-    if image.shape[0] != scores.shape[0]:
-        raise ValueError(
-            f"The image batch ({image.shape[0]}) and the score batch ({scores.shape[0]}) differ; "
-            "pass one image per score map."
-        )
-    if not scores.is_floating_point():
-        raise ValueError(
-            f"Scores must be a float tensor (logits or probabilities), got {scores.dtype}."
-        )
-
-
-class NoRefine(nn.Module):
-    """The ``"none"`` refiner: returns the scores unchanged (after the same shape checks)."""
-
-    def forward(self, image: Tensor, scores: Tensor) -> Tensor:
-        """Return ``scores`` as they are.
-
-        Args:
-            image: B x 3 x H x W.
-            scores: B x K x h x w logits or probabilities.
-        """
-        _check_pair(image, scores)
-        return scores
-
-
 class PAMR(nn.Module):
     """Pixel-adaptive mask refinement (no parameters; see the module docstring).
 
     Args:
         num_iter: propagation steps (default 10, as NACLIP and the paper); 0 returns the scores
-            resized to the image.
+            as they are.
         dilations: spacings of the 3 x 3 neighbourhoods in pixels of the image (default (8, 16),
             as SCLIP / NACLIP at image resolution).
     """
@@ -139,30 +109,27 @@ class PAMR(nn.Module):
     def extra_repr(self) -> str:
         return f"num_iter={self.num_iter}, dilations={self.dilations}"
 
-    def forward(self, image: Tensor, scores: Tensor) -> Tensor:
-        """Refine ``scores`` along the colour edges of ``image``.
+    def forward(self, images: Tensor, scores: DenseScores) -> DenseScores:
+        """Refine the score values along the colour edges of ``images``.
 
         Args:
-            image: B x 3 x H x W colours, [0, 1] or CLIP-normalised (any channel count works).
-            scores: B x K x h x w logits or probabilities; resized (bilinear) to H x W if h x w
-                differs.
+            images: B x 3 x H x W colours, [0, 1] or CLIP-normalised.
+            scores: B x R x H x W dense scores (logits or probabilities).
 
         Returns:
-            B x K x H x W refined scores, same kind (logits stay logits) and dtype as ``scores``.
+            The refined scores: same rows, same activation (logits stay logits), same dtype.
 
         Raises:
-            ValueError: the shapes do not describe a batch of images and score maps.
+            ValueError: the images and scores do not belong together (see
+                `check_refiner_inputs`).
         """
-        _check_pair(image, scores)
-        size = (image.shape[-2], image.shape[-1])
-        dtype = scores.dtype
-        mask = scores.float()
-        if mask.shape[-2:] != size:
-            mask = F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
-        weights = local_affinity(image, self.dilations).unsqueeze(2)  # B x P x 1 x H x W
+        check_refiner_inputs(images, scores)
+        size = (images.shape[-2], images.shape[-1])
+        mask = scores.values.float()
+        weights = local_affinity(images, self.dilations).unsqueeze(2)  # B x P x 1 x H x W
         for _ in range(self.num_iter):
             mask = self._propagate(mask, weights, size)
-        return mask.to(dtype)
+        return scores.with_values(mask.to(scores.values.dtype))
 
     def _propagate(self, mask: Tensor, weights: Tensor, size: tuple[int, int]) -> Tensor:
         """One step: each pixel becomes the affinity-weighted mean of its neighbours."""
@@ -174,48 +141,3 @@ class PAMR(nn.Module):
                 out.addcmul_(_shift(padded, dy * d, dx * d, d, size), weights[:, p])
                 p += 1
         return out
-
-
-REFINERS: dict[str, type[nn.Module]] = {"none": NoRefine, "pamr": PAMR}
-
-_DESCRIPTIONS = {
-    "none": "no refinement",
-    "pamr": "PAMR: scores propagated along colour-similar neighbours (Araslanov & Roth 2020)",
-}
-
-
-def list_refiners() -> dict[str, str]:
-    """Refiner names with a one-line description each."""
-    return {name: _DESCRIPTIONS[name] for name in sorted(REFINERS)}
-
-
-def create_refiner(name: str, **kwargs) -> nn.Module:
-    """Build the refiner called ``name`` (a key of ``REFINERS``) with keyword overrides.
-
-    ``None`` values are dropped so that unset CLI flags keep the defaults.
-
-    Raises:
-        ValueError: unknown name (the valid ones are listed) or invalid arguments.
-    """
-    if name not in REFINERS:
-        raise ValueError(f"Unknown refiner {name!r}; choose one of {sorted(REFINERS)}.")
-    kwargs = {key: value for key, value in kwargs.items() if value is not None}
-    try:
-        return REFINERS[name](**kwargs)
-    except TypeError as error:
-        raise ValueError(f"Bad arguments {sorted(kwargs)} for refiner {name!r}: {error}") from None
-
-
-def refine(name: str, image: Tensor, scores: Tensor, **kwargs) -> Tensor:
-    """Refine ``scores`` (B x K x h x w logits or probabilities) with the refiner ``name``.
-
-    Args:
-        name: a key of ``REFINERS`` ("none", "pamr").
-        image: B x 3 x H x W, the image the scores belong to.
-        scores: B x K x h x w.
-        **kwargs: the refiner's options, e.g. ``num_iter=10, dilations=(8, 16)`` for PAMR.
-
-    Returns:
-        The refined scores: B x K x H x W for PAMR, ``scores`` itself for "none".
-    """
-    return create_refiner(name, **kwargs)(image, scores)

@@ -1,4 +1,5 @@
-"""Fine-grained compensation with Stable Diffusion self-attention (CLIPer's second stage).
+"""The ``"diffusion"`` refiner: fine-grained compensation with Stable Diffusion self-attention
+(CLIPer's second stage).
 
 Paper: Sun et al., "CLIPer: Hierarchically Improving Spatial Representation of CLIP for
 Open-Vocabulary Semantic Segmentation", ICCV 2025 (arXiv 2411.13836), fine-grained compensation.
@@ -15,15 +16,21 @@ Every head's map M is rescaled by its column maxima, thresholded and row-normali
 
     M <- M / (max_i M[i, :] + 1e-5),  M[M < threshold] = 0,  M <- M / (sum_j M[:, j] + 1e-5),
 
-and the maps, in layer order then head order, act on the class scores S (n, K) resized to the
-latent grid as one product: S_f = M_1 M_2 ... M_m S (the paper: multiplying the heads' maps;
-"mean" uses the average map instead). It is a linear, nearly row-stochastic operator, so it
-refines probabilities (as CLIPer does) or any score map; with `logit_scale` given, logits are
-turned into probabilities first and the result is returned as logits again.
+and the maps, in layer order then head order, act on the class probabilities S (n, R) resized to
+the latent grid as one product: S_f = M_1 M_2 ... M_m S (the paper: multiplying the heads' maps;
+"mean" uses the average map instead).
 
-The refiner follows `zegkit.refine`'s protocol, forward(image, scores) -> B x K x H x W, so it can
-follow any method. `diffusers` is an optional dependency (`pip install zegkit[diffusion]`),
-imported only when weights are loaded.
+Contract (`zegkit.refine.base`): ``refiner(images in [0, 1], scores) -> DenseScores``. The scores
+become probabilities by their own activation (`DenseScores.probabilities`), are compensated, and
+come back as probabilities, DenseScores(refined, Activation("identity"), same rows), at the
+images' resolution. So it can follow any method: CLIPer's coarse map (probabilities already), or
+softmax(s · cos) of SCLIP. `diffusers` is an optional dependency (`pip install zegkit[diffusion]`),
+imported only when weights are loaded; this module imports without it.
+
+Precision: the UNet, VAE and text encoder run in the dtype they are loaded with (the Segmenter's
+precision; the code runs SD in float16). The noise schedule, the normalisation of the attention
+maps and their product with the probabilities run in float32: products of ten row-stochastic
+4096 x 4096 maps lose the small entries in half precision.
 
 Deviations from the code: the noise is seeded; the image is resized bilinearly with antialiasing
 (the code's tensor preprocessing resizes by nearest neighbour); scores at image resolution are
@@ -35,14 +42,17 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zegkit.backbone.loading import hub_offline
+from zegkit.inference import resize
+from zegkit.refine.base import check_refiner_inputs
+from zegkit.scores import Activation, DenseScores
 
 SD_MODEL = "stabilityai/stable-diffusion-2-1-base"  # code default `--sd-version v2.1`
 SD_IMAGE_SIZE = 512  # `image_processor.preprocess(img, height=512, width=512)`
@@ -51,7 +61,10 @@ SELF_ATTENTION_LAYERS = (  # DIFFUSION_LAYERS[-4], [-6] of the code, in its prod
     "up_blocks.3.attentions.1.transformer_blocks.0.attn1",
     "up_blocks.3.attentions.0.transformer_blocks.0.attn1",
 )
-ATTENTION_THRESHOLD = 0.2  # `attention_thr` of the ViT-B/16 Context / Context59 / ADE configs
+# `attention_thr` of the code's ViT-B/16 Context / Context59 / Object / Stuff / ADE configs
+# (scripts/config/vit-b-16/*.yaml @ 85fbe81; VOC 0.1, Cityscapes 0.35). One key sets both of
+# CLIPer's thresholds: this refiner's and the propagation of its coarse map.
+ATTENTION_THRESHOLD = 0.2
 MAP_EPS = 1e-5  # added to column maxima and row sums in `Pipeline.refinement`
 AGGREGATIONS = ("product", "mean")  # the code's "SFSA" (default) and "mean"
 SUBFOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
@@ -90,7 +103,7 @@ class DiffusionRefinerConfig:
         timestep: diffusion timestep of the single noising step (code: 101).
         image_size: side of the square the image is stretched to before the VAE (code: 512).
         threshold: map entries below this, after the column-max rescaling, are zeroed (code
-            `attention_thr`: 0.2 for most ViT-B/16 datasets, 0.1 for VOC20).
+            `attention_thr`: 0.2 for most ViT-B/16 datasets, 0.1 for VOC, 0.35 for Cityscapes).
         aggregation: "product" of all heads' maps (paper) or their "mean".
         prompt: text prompt of the UNet pass (code: empty).
         seed: seed of the noise, so a refinement is reproducible (the code's noise is unseeded).
@@ -225,13 +238,6 @@ def compensate(matrices: Sequence[Tensor], scores: Tensor, aggregation: str = "p
     return flat.transpose(1, 2).reshape(batch, classes, height, width)
 
 
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    shrinking = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
-
-
 class DiffusionRefiner(nn.Module):
     """Refine class scores with Stable Diffusion self-attention (see the module docstring).
 
@@ -301,23 +307,23 @@ class DiffusionRefiner(nn.Module):
         Args:
             config: settings; `overrides` replace its fields (None values ignored).
             device: where the models live.
-            dtype: weight dtype (float16 halves memory on GPUs, as the code runs).
+            dtype: weight dtype of the UNet, VAE and text encoder (the Segmenter's precision;
+                float16 halves memory on GPUs, as the code runs).
+            **overrides: fields of `DiffusionRefinerConfig` (e.g. threshold=0.1).
 
         Raises:
+            ValueError: an override that is not a field of `DiffusionRefinerConfig`.
             RuntimeError: `diffusers` is not installed, or the hub cannot provide the weights.
             FileNotFoundError: a local directory that does not exist or lacks a subfolder.
         """
-        config = replace(
-            config or DiffusionRefinerConfig(),
-            **{k: v for k, v in overrides.items() if v is not None},
-        )
+        config = _with_overrides(config or DiffusionRefinerConfig(), overrides)
         diffusers = _import_diffusers()
         from transformers import CLIPTextModel, CLIPTokenizer
 
         from zegkit.backbone.tokenizer import check_tokenizer
 
         source = _check_source(config.model)
-        offline = _hub_offline()
+        offline = hub_offline()
 
         def load(loader, subfolder, **kwargs):
             try:
@@ -348,26 +354,26 @@ class DiffusionRefiner(nn.Module):
 
     # ---- attention ---------------------------------------------------------------------------
     @torch.no_grad()
-    def attention_maps(self, image: Tensor) -> list[Tensor]:
+    def attention_maps(self, images: Tensor) -> list[Tensor]:
         """Self-attention probabilities of the chosen layers for images in [0, 1].
 
         Args:
-            image: B x 3 x H x W, values in [0, 1].
+            images: B x 3 x H x W, values in [0, 1].
 
         Returns:
             Per layer of `config.layers`, (B, heads, n, n) in the UNet's dtype.
         """
-        _check_image(image)
+        _check_pixel_range(images)
         size = self.config.image_size
         dtype = next(self.vae.parameters()).dtype
-        pixels = _resize(image.float(), (size, size)) * 2 - 1  # [-1, 1], as SD's VAE expects
+        pixels = resize(images.float(), (size, size)) * 2 - 1  # [-1, 1], as SD's VAE expects
         latents = self.vae.encode(pixels.to(dtype)).latent_dist.mean
         latents = latents * self.vae.config.scaling_factor
         generator = torch.Generator().manual_seed(self.config.seed)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         alpha = self.alphas_cumprod[self.config.timestep]
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
-        context = self.prompt_embeds.to(dtype).expand(image.shape[0], -1, -1)
+        context = self.prompt_embeds.to(dtype).expand(images.shape[0], -1, -1)
         self._maps.clear()
         try:
             self.unet(noisy, self.config.timestep, encoder_hidden_states=context)
@@ -375,49 +381,61 @@ class DiffusionRefiner(nn.Module):
         finally:
             self._maps.clear()
 
-    def forward(self, image: Tensor, scores: Tensor, logit_scale: float | None = None) -> Tensor:
-        """Refine ``scores`` with the image's diffusion self-attention.
+    def forward(self, images: Tensor, scores: DenseScores) -> DenseScores:
+        """Refine the scores' probabilities with the images' diffusion self-attention.
 
         Args:
-            image: B x 3 x H x W, values in [0, 1] (not CLIP-normalised: the VAE needs colours).
-            scores: B x K x h x w class scores at any resolution (probabilities, as CLIPer
-                refines, or any non-negative map); resized to the attention grid.
-            logit_scale: if given, ``scores`` are logits: refined are softmax(logit_scale ·
-                scores) over K, and the result is log(refined) / logit_scale, so that
-                softmax(logit_scale · result) is the refined probability map.
+            images: B x 3 x H x W, values in [0, 1] (not CLIP-normalised: the VAE needs colours).
+            scores: B x R x H x W dense scores; their activation turns them into probabilities,
+                which are resized to the attention grid.
 
         Returns:
-            B x K x H x W refined scores (float32), at the image's resolution.
+            The refined probabilities B x R x H x W (float32) with an "identity" activation and
+            the rows of ``scores``.
+
+        Raises:
+            ValueError: images and scores that do not belong together, images outside [0, 1],
+                or layers whose tokens do not form a square grid.
         """
-        if scores.dim() != 4 or scores.shape[0] != image.shape[0]:
-            raise ValueError(
-                f"Need scores B x K x h x w for a batch of B images; got scores "
-                f"{tuple(scores.shape)} for images {tuple(image.shape)}."
-            )
-        matrices = propagation_matrices(self.attention_maps(image), self.config.threshold)
+        check_refiner_inputs(images, scores)
+        matrices = propagation_matrices(self.attention_maps(images), self.config.threshold)
         side = math.isqrt(matrices[0].shape[-1])
         if side * side != matrices[0].shape[-1]:
             raise ValueError(
                 f"Attention over {matrices[0].shape[-1]} tokens is not a square grid; choose "
                 "self-attention layers of one square resolution."
             )
-        values = scores.float()
-        if logit_scale is not None:
-            values = (logit_scale * values).softmax(dim=1)
-        refined = compensate(matrices, _resize(values, (side, side)), self.config.aggregation)
-        refined = _resize(refined, tuple(image.shape[-2:]))
-        if logit_scale is not None:
-            refined = refined.clamp_min(torch.finfo(torch.float32).tiny).log() / logit_scale
-        return refined
+        grid = resize(scores.probabilities(), (side, side))
+        refined = compensate(matrices, grid, self.config.aggregation)
+        refined = resize(refined, tuple(images.shape[-2:]))
+        return DenseScores(refined, Activation("identity"), scores.rows)
 
 
-def _check_image(image: Tensor) -> None:
-    if image.dim() != 4 or image.shape[1] != 3:
+def _with_overrides(
+    config: DiffusionRefinerConfig, overrides: dict[str, object]
+) -> DiffusionRefinerConfig:
+    """``config`` with the fields in ``overrides`` replaced (None values ignored).
+
+    Raises:
+        ValueError: a key that is not a field of `DiffusionRefinerConfig` (the valid ones listed).
+    """
+    valid = sorted(f.name for f in fields(DiffusionRefinerConfig))
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
         raise ValueError(
-            f"Need images B x 3 x H x W, got shape {tuple(image.shape)}; add a batch dimension "
+            f"Unknown diffusion refiner option(s) {unknown}; valid options are {valid}."
+        )
+    return replace(config, **{key: value for key, value in overrides.items() if value is not None})
+
+
+def _check_pixel_range(images: Tensor) -> None:
+    """Raise ValueError for images B x 3 x H x W whose values are not in [0, 1]."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"Need images B x 3 x H x W, got shape {tuple(images.shape)}; add a batch dimension "
             "with unsqueeze(0) for one image."
         )
-    low, high = image.min().item(), image.max().item()
+    low, high = images.min().item(), images.max().item()
     if low < -PIXEL_TOLERANCE or high > 1 + PIXEL_TOLERANCE:
         raise ValueError(
             f"The diffusion refiner needs pixel values in [0, 1]; got [{low:.3g}, {high:.3g}] "
@@ -425,16 +443,42 @@ def _check_image(image: Tensor) -> None:
         )
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+def require_weights(model: str) -> None:
+    """Check, without loading anything, that the refiner for ``model`` can be built here.
+
+    Args:
+        model: hub id or local diffusers directory (`DiffusionRefinerConfig.model`).
+
+    Raises:
+        RuntimeError: `diffusers` is not installed, or HF_HUB_OFFLINE is set and the hub id is
+            not in the local cache (the message says what to download).
+        FileNotFoundError: a local directory that does not exist or lacks a subfolder.
+    """
+    _import_diffusers()
+    _check_source(model)
+    if not _looks_local(model) and hub_offline() and not _in_hub_cache(model):
+        raise RuntimeError(_missing_weights_message(model, True, "it is not in the cache"))
+
+
+def _looks_local(model: str) -> bool:
+    """Whether ``model`` names a directory rather than a hub id ("namespace/name")."""
+    return Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or (
+        model.count("/") > 1
+    )
+
+
+def _in_hub_cache(model: str) -> bool:
+    """Whether the hub cache holds the UNet config of ``model`` (a proxy for a download)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model, "unet/config.json"), str)
 
 
 def _check_source(model: str) -> str:
     """A local directory must exist and hold the diffusers subfolders; hub ids pass through."""
-    path = Path(model).expanduser()
-    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-    if not looks_local:
+    if not _looks_local(model):
         return model
+    path = Path(model).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
             f"Stable Diffusion directory {model!r} does not exist. Pass a hub id such as "
@@ -449,90 +493,12 @@ def _check_source(model: str) -> str:
     return str(path)
 
 
-def _missing_weights_message(model: str, offline: bool, error: Exception) -> str:
+def _missing_weights_message(model: str, offline: bool, reason: object) -> str:
+    """Why the weights of ``model`` could not be had, and how to download them."""
     where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the hub"
     return (
-        f"Could not load Stable Diffusion weights {model!r} from {where}: {error}. Download them "
+        f"Could not load Stable Diffusion weights {model!r} from {where}: {reason}. Download them "
         f"with `hf download {model} --include 'unet/*' 'vae/*' 'scheduler/*' "
         "'text_encoder/*' 'tokenizer/*'` (into the Hugging Face cache; add --local-dir DIR and "
         f"pass DIR to keep a copy: a diffusers directory with subfolders {SUBFOLDERS})."
     )
-
-
-# ---- a tiny random-weight Stable Diffusion, for offline tests and the proving ground -----------
-# up_blocks[1] of the tiny UNet works on the full latent grid (the tiny VAE halves the image).
-TINY_LAYERS = (
-    "up_blocks.1.attentions.1.transformer_blocks.0.attn1",
-    "up_blocks.1.attentions.0.transformer_blocks.0.attn1",
-)
-TINY_HEADS = 4
-TINY_CROSS_DIM = 32
-
-
-def tiny_unet(seed: int = 0) -> nn.Module:
-    """A two-level UNet2DConditionModel with random weights (8/16 channels, 4 heads)."""
-    diffusers = _import_diffusers()
-    torch.manual_seed(seed)
-    return diffusers.UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TINY_CROSS_DIM,
-        attention_head_dim=TINY_HEADS,
-        norm_num_groups=4,
-    ).eval()
-
-
-def tiny_vae(seed: int = 1) -> nn.Module:
-    """A two-level AutoencoderKL with random weights (downsamples by 2)."""
-    diffusers = _import_diffusers()
-    torch.manual_seed(seed)
-    return diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    ).eval()
-
-
-def save_tiny_random_pipeline(path: str | os.PathLike, tokenizer, seed: int = 0) -> Path:
-    """Save a tiny random-weight Stable Diffusion in diffusers' layout (unet/, vae/, scheduler/,
-    text_encoder/, tokenizer/), as a downloaded SD model is laid out.
-
-    Like the hub's tiny random test models: it exercises the real loading and attention paths
-    offline; its attention carries no learned structure.
-
-    Args:
-        path: the folder to create.
-        tokenizer: a CLIP tokenizer for the prompt (e.g. the CLIP backbone's).
-        seed: seeds every component.
-    """
-    diffusers = _import_diffusers()
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    path = Path(path)
-    tiny_unet(seed).save_pretrained(path / "unet")
-    tiny_vae(seed + 1).save_pretrained(path / "vae")
-    diffusers.DDPMScheduler().save_pretrained(path / "scheduler")
-    torch.manual_seed(seed + 2)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TINY_CROSS_DIM,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    CLIPTextModel(text_config).save_pretrained(path / "text_encoder")
-    tokenizer.save_pretrained(path / "tokenizer")
-    return path

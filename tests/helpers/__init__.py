@@ -1,0 +1,1 @@
+"""Builders used only by tests and benchmarks (tiny random-weight models); not part of zegkit."""
