@@ -2,12 +2,19 @@
 
 - `metrics`: confusion matrix, mIoU and friends (mmseg-style), seen/unseen/hIoU.
 - `loop`: `evaluate`, one segmenter over a labelled dataset, sharded across torchrun processes.
+- `bootstrap`: scene-bootstrap 95% intervals of mIoU, paired differences between methods.
 - `checkpoint`: per-rank atomic resume checkpoints.
 - `report`: text tables, run records, JSON results.
 - `runs`: build a method's segmenter under a protocol and evaluate it (`zegkit eval`).
 """
 
 from zegkit.distributed import DistributedContext, init_distributed
+from zegkit.evaluate.bootstrap import (
+    ImageStats,
+    bootstrap_difference,
+    bootstrap_intervals,
+    compare_results,
+)
 from zegkit.evaluate.checkpoint import rank_checkpoint_path
 from zegkit.evaluate.loop import evaluate
 from zegkit.evaluate.metrics import confusion_matrix, harmonic_mean, metrics
@@ -16,6 +23,10 @@ from zegkit.evaluate.runs import evaluate_method, method_checkpoint, run_eval, r
 
 __all__ = [
     "DistributedContext",
+    "ImageStats",
+    "bootstrap_difference",
+    "bootstrap_intervals",
+    "compare_results",
     "confusion_matrix",
     "evaluate",
     "evaluate_method",

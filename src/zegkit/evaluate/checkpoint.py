@@ -1,7 +1,8 @@
 """Per-rank resume checkpoints of an evaluation, refused when written for other settings.
 
-With ``checkpoint=path``, every `checkpoint_every` images each rank writes its matrix and the
-indices it has done (atomically; one file per rank, `rank_checkpoint_path`). A rerun with the
+With ``checkpoint=path``, every `checkpoint_every` images each rank writes its `Tally` (its
+confusion matrix, the per-image counts of the images it has done and their indices; atomically;
+one file per rank, `rank_checkpoint_path`). A rerun with the
 same path and the same settings skips those images and ends with the identical matrix; a
 checkpoint written for other settings is refused, naming what changed.
 """
@@ -10,17 +11,51 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from zegkit.data.base import SegmentationDataset
+from zegkit.evaluate.bootstrap import ImageStats
+from zegkit.evaluate.metrics import intersection_and_union
 from zegkit.io import atomic_write
 
-CHECKPOINT_FORMAT = 1  # bump when the checkpoint contents change meaning
+CHECKPOINT_FORMAT = 2  # bump when the checkpoint contents change meaning
 # Settings that may differ between a run and its resumption (not part of the fingerprint).
 VOLATILE_SETTINGS = ("timestamp", "zegkit_version", "checkpoint", "num_workers", "progress")
+
+
+@dataclass
+class Tally:
+    """What one rank has counted so far.
+
+    The per-image rows make scene-bootstrap intervals possible; they are small (N x K) next to
+    the images, and zero for the images other ranks do, so ranks combine by summing.
+    """
+
+    confusion: Tensor  # (K, K) int64, rows ground truth, columns prediction
+    intersection: Tensor  # (N, K) int64; row i: image i's per-class intersection
+    union: Tensor  # (N, K) int64; row i: image i's per-class union
+    done: set[int] = field(default_factory=set)  # indices of the images counted
+
+    @classmethod
+    def empty(cls, num_images: int, num_classes: int) -> Tally:
+        """Nothing counted yet, for `num_images` images of `num_classes` classes."""
+        return cls(torch.zeros(num_classes, num_classes, dtype=torch.int64),
+                   torch.zeros(num_images, num_classes, dtype=torch.int64),
+                   torch.zeros(num_images, num_classes, dtype=torch.int64))
+
+    def add(self, index: int, conf: Tensor) -> None:
+        """Count image `index`, whose (K, K) confusion matrix is `conf`."""
+        self.confusion += conf
+        self.intersection[index], self.union[index] = intersection_and_union(conf)
+        self.done.add(index)
+
+    def image_stats(self) -> ImageStats:
+        """The per-image counts (rows of images not counted here are zero)."""
+        return ImageStats(self.intersection, self.union)
 
 
 def rank_checkpoint_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
@@ -57,16 +92,20 @@ def _jsonable(value: object) -> object:
     return str(value)
 
 
-def load_checkpoint(path: Path, fingerprint: dict, num_classes: int) -> tuple[Tensor, set[int]]:
+def load_checkpoint(path: Path, fingerprint: dict, num_images: int, num_classes: int) -> Tally:
+    """The tally saved at `path` (empty if there is none), refused if written for other settings.
+
+    Raises:
+        RuntimeError: the file cannot be read, or its fingerprint differs from `fingerprint`.
+    """
+    tally = Tally.empty(num_images, num_classes)
     if not path.exists():
-        return torch.zeros(num_classes, num_classes, dtype=torch.int64), set()
+        return tally
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved, conf, done = state["fingerprint"], state["confusion"], set(state["done"])
+        saved = state["fingerprint"]
     except Exception as error:  # any unreadable file gets the same advice
-        raise RuntimeError(
-            f"Checkpoint {path} cannot be read ({error}). Delete it to start over."
-        ) from error
+        raise _unreadable(path, error) from error
     if saved != fingerprint:
         changes = _differences(saved, fingerprint)
         raise RuntimeError(
@@ -74,7 +113,18 @@ def load_checkpoint(path: Path, fingerprint: dict, num_classes: int) -> tuple[Te
             f"resuming would mix two evaluations. Delete it, or pass another checkpoint path, "
             f"to start this evaluation from the beginning."
         )
-    return conf, done
+    try:
+        done = list(state["done"])
+        tally.confusion += state["confusion"]
+        tally.intersection[done], tally.union[done] = state["intersection"], state["union"]
+    except Exception as error:
+        raise _unreadable(path, error) from error
+    tally.done.update(done)
+    return tally
+
+
+def _unreadable(path: Path, error: Exception) -> RuntimeError:
+    return RuntimeError(f"Checkpoint {path} cannot be read ({error}). Delete it to start over.")
 
 
 def _differences(old: Mapping, new: Mapping, prefix: str = "") -> str:
@@ -89,8 +139,11 @@ def _differences(old: Mapping, new: Mapping, prefix: str = "") -> str:
     return "; ".join(changes)
 
 
-def save_checkpoint(path: Path, fingerprint: dict, conf: Tensor, done: set[int]) -> None:
+def save_checkpoint(path: Path, fingerprint: dict, tally: Tally) -> None:
+    """Write the tally atomically: the matrix, and the per-image rows of the images done."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"fingerprint": fingerprint, "confusion": conf.clone(), "done": sorted(done)}
+    done = sorted(tally.done)
+    state = {"fingerprint": fingerprint, "confusion": tally.confusion.clone(), "done": done,
+             "intersection": tally.intersection[done], "union": tally.union[done]}
     with atomic_write(path, "wb") as handle:
         torch.save(state, handle)

@@ -2,8 +2,9 @@
 
 Sharding (``torchrun --nproc-per-node N -m zegkit eval ...``): `zegkit.distributed` joins the
 process group torchrun describes; rank r evaluates images r, r + N, r + 2N, ...; the confusion
-matrices are all-reduced. The result is exactly the single-process one, because integer counts
-add up the same in any order. Resuming: see `zegkit.evaluate.checkpoint`.
+matrices (and, for bootstrap intervals, the per-image counts) are all-reduced. The result is
+exactly the single-process one, because integer counts add up the same in any order.
+Resuming: see `zegkit.evaluate.checkpoint`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from tqdm import tqdm
 
 from zegkit.data.base import SegmentationDataset
 from zegkit.distributed import all_reduce_sum, rank_and_world
+from zegkit.evaluate.bootstrap import ImageStats, bootstrap_intervals
 from zegkit.evaluate.checkpoint import (
+    Tally,
     fingerprint_of,
     load_checkpoint,
     rank_checkpoint_path,
@@ -66,6 +69,8 @@ def evaluate(
     seen: Sequence[int] | None = None,
     unseen: Sequence[int] | None = None,
     limit: int | None = None,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> dict:
     """Evaluate a segmenter on a labelled dataset; sharded if torch.distributed is initialised.
 
@@ -85,26 +90,23 @@ def evaluate(
         seen: seen class indices (default: the dataset's).
         unseen: unseen class indices (default: the dataset's).
         limit: evaluate only the first `limit` images.
+        bootstrap: resamples for 95% scene-bootstrap intervals (`zegkit.evaluate.bootstrap`);
+            0 for none.
+        bootstrap_seed: seeds the resampling.
 
     Returns:
         `metrics` of the summed confusion matrix, plus "confusion" (K x K list), "num_images",
-        "resumed_images", "world_size", "seconds", "images_per_second" and "settings".
+        "resumed_images", "world_size", "seconds", "images_per_second" and "settings". With
+        `bootstrap`, also "mIoU_ci95" (and "mIoU(S)_ci95", "mIoU(U)_ci95", "hIoU_ci95" on a
+        split), "bootstrap" ({"samples", "seed"}) and "per_image" (the N x K intersection and
+        union counts, for `compare_results`).
 
     Raises:
         ValueError: the dataset has no masks, bad arguments, or predictions out of range.
         RuntimeError: the checkpoint belongs to other settings or cannot be read, or predict
             returned the wrong shape.
     """
-    if not dataset.has_masks:
-        raise ValueError(
-            f"{dataset.name} at {dataset.root} has no ground-truth masks; evaluation needs them "
-            f"(for a folder: masks/<id>.png next to images/)."
-        )
-    if checkpoint_every < 1 or num_workers < 0 or (limit is not None and limit < 1):
-        raise ValueError(
-            f"checkpoint_every must be >= 1, num_workers >= 0 and limit None or >= 1; got "
-            f"{checkpoint_every}, {num_workers}, {limit}."
-        )
+    _check_arguments(dataset, checkpoint_every, num_workers, limit, bootstrap)
     rank, world = rank_and_world()
     settings = dict(settings or {})
     settings["limit"] = limit
@@ -112,13 +114,12 @@ def evaluate(
     mine = list(range(rank, total, world))
     fingerprint = fingerprint_of(dataset, settings, rank, world)
     path = None if checkpoint is None else rank_checkpoint_path(checkpoint, rank, world)
-    num_classes = dataset.num_classes
     if path is None:
-        conf, done = torch.zeros(num_classes, num_classes, dtype=torch.int64), set()
+        tally = Tally.empty(total, dataset.num_classes)
     else:
-        conf, done = load_checkpoint(path, fingerprint, num_classes)
-    resumed = len(done)
-    todo = [index for index in mine if index not in done]
+        tally = load_checkpoint(path, fingerprint, total, dataset.num_classes)
+    resumed = len(tally.done)
+    todo = [index for index in mine if index not in tally.done]
 
     if hasattr(segmenter, "set_vocabulary"):
         segmenter.set_vocabulary(dataset.class_names)
@@ -131,20 +132,19 @@ def evaluate(
     with torch.inference_mode(), bar:
         for index, (image, mask, name) in loader:
             bar.set_postfix_str(name, refresh=False)
-            conf += confusion_matrix(_predict(segmenter, image), mask, num_classes,
-                                     dataset.ignore_index)
-            done.add(index)
+            tally.add(index, confusion_matrix(_predict(segmenter, image), mask,
+                                              dataset.num_classes, dataset.ignore_index))
             since_save += 1
             bar.update()
             if path is not None and since_save >= checkpoint_every:
-                save_checkpoint(path, fingerprint, conf, done)
+                save_checkpoint(path, fingerprint, tally)
                 since_save = 0
     if path is not None and (since_save or not path.exists()):
-        save_checkpoint(path, fingerprint, conf, done)
+        save_checkpoint(path, fingerprint, tally)
     seconds = time.perf_counter() - start
 
-    conf = all_reduce_sum(conf)
-    counts = all_reduce_sum(torch.tensor([len(done), resumed, len(todo)], dtype=torch.int64))
+    conf = all_reduce_sum(tally.confusion)
+    counts = all_reduce_sum(torch.tensor([len(tally.done), resumed, len(todo)], dtype=torch.int64))
     seen = dataset.seen if seen is None and unseen is None else seen
     unseen = dataset.unseen if unseen is None else unseen
     result = metrics(conf, dataset.class_names, seen, unseen)
@@ -159,4 +159,39 @@ def evaluate(
         settings=run_record({**settings, "dataset": dataset.name, "data_root": str(dataset.root),
                              "split": dataset.split}),
     )
+    if bootstrap:
+        result.update(_bootstrapped(tally, bootstrap, bootstrap_seed, result))
     return result
+
+
+def _check_arguments(
+    dataset: SegmentationDataset, checkpoint_every: int, num_workers: int, limit: int | None,
+    bootstrap: int,
+) -> None:
+    if not dataset.has_masks:
+        raise ValueError(
+            f"{dataset.name} at {dataset.root} has no ground-truth masks; evaluation needs them "
+            f"(for a folder: masks/<id>.png next to images/)."
+        )
+    if checkpoint_every < 1 or num_workers < 0 or (limit is not None and limit < 1):
+        raise ValueError(
+            f"checkpoint_every must be >= 1, num_workers >= 0 and limit None or >= 1; got "
+            f"{checkpoint_every}, {num_workers}, {limit}."
+        )
+    if not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ValueError(
+            f"bootstrap must be a whole number of resamples >= 0 (0: no intervals; 1000 is "
+            f"usual); got {bootstrap!r}."
+        )
+
+
+def _bootstrapped(tally: Tally, num_samples: int, seed: int, result: Mapping) -> dict:
+    """Intervals, settings and per-image counts of the all-ranks tally, to add to a result.
+
+    Each image is counted by exactly one rank and its rows are zero elsewhere, so summing the
+    ranks' per-image counts gathers them.
+    """
+    stats = ImageStats(all_reduce_sum(tally.intersection), all_reduce_sum(tally.union))
+    intervals = bootstrap_intervals(stats, num_samples, seed, result["seen"], result["unseen"])
+    return {**intervals, "bootstrap": {"samples": num_samples, "seed": seed},
+            "per_image": stats.to_dict()}

@@ -8,6 +8,9 @@ Acc = TP / (TP + FN), aAcc = all TP / all labelled pixels; a class whose IoU is 
 ground-truth and no predicted pixel) is left out of the means (nan-mean). On zero-shot splits,
 mIoU(S) and mIoU(U) average the seen and unseen classes and hIoU is their harmonic mean
 (ZS3Net, arXiv 1906.00817). All values are percentages.
+
+`iou_summary` is the one definition of mIoU, mIoU(S), mIoU(U) and hIoU; `metrics` and the
+bootstrap intervals (`zegkit.evaluate.bootstrap`) both call it.
 """
 
 from __future__ import annotations
@@ -60,23 +63,98 @@ def confusion_matrix(
     return counts.reshape(num_classes, num_classes)
 
 
-def _percent(numerator: Tensor, denominator: Tensor) -> list[float | None]:
-    return [
-        None if d == 0 else PERCENT * float(n) / float(d)
-        for n, d in zip(numerator.tolist(), denominator.tolist(), strict=True)
-    ]
+def intersection_and_union(conf: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-class intersection (TP) and union (TP + FP + FN) pixel counts of a confusion matrix.
+
+    Both are additive over images, so the counts of any set of images are the sums of theirs.
+
+    Args:
+        conf: (K, K) counts, rows ground truth, columns prediction.
+
+    Returns:
+        (intersection, union), each (K,) int64.
+    """
+    conf = conf.to(torch.int64)
+    true_positive = conf.diagonal()
+    return true_positive, conf.sum(dim=1) + conf.sum(dim=0) - true_positive
 
 
-def _nan_mean(values: Sequence[float | None]) -> float | None:
-    defined = [value for value in values if value is not None]
-    return sum(defined) / len(defined) if defined else None
+def _percent(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """100 * numerator / denominator in float64; NaN where the denominator is 0 (undefined)."""
+    ratio = PERCENT * numerator.double() / denominator.double()
+    return torch.where(denominator > 0, ratio, torch.nan)
+
+
+def class_iou(intersection: Tensor, union: Tensor) -> Tensor:
+    """Per-class IoU in percent, NaN for a class with no ground-truth and no predicted pixel.
+
+    Args:
+        intersection: (..., K) pixel counts.
+        union: (..., K) pixel counts.
+
+    Returns:
+        (..., K) float64.
+    """
+    return _percent(intersection, union)
+
+
+def class_mean(values: Tensor, classes: Sequence[int] | None = None) -> Tensor:
+    """Mean over the classes (last dim) of the defined values; NaN (undefined) ones are left out.
+
+    Args:
+        values: (..., K) per-class values, NaN where undefined.
+        classes: the class indices to average (default: all).
+
+    Returns:
+        (...) float64; NaN where no chosen class is defined.
+    """
+    if classes is not None:
+        values = values[..., list(classes)]
+    return values.nanmean(dim=-1)
+
+
+def _harmonic(seen: Tensor, unseen: Tensor) -> Tensor:
+    total = seen + unseen
+    return torch.where(total == 0, 0.0, 2.0 * seen * unseen / total)
 
 
 def harmonic_mean(seen: float | None, unseen: float | None) -> float | None:
     """hIoU = 2 S U / (S + U) (0 when both are 0; None when either is undefined)."""
     if seen is None or unseen is None:
         return None
-    return 0.0 if seen + unseen == 0 else 2.0 * seen * unseen / (seen + unseen)
+    as_tensor = torch.tensor([seen, unseen], dtype=torch.float64)
+    return float(_harmonic(as_tensor[0], as_tensor[1]))
+
+
+def iou_summary(
+    iou: Tensor, seen: Sequence[int] | None = None, unseen: Sequence[int] | None = None
+) -> dict[str, Tensor]:
+    """mIoU and, on a zero-shot split, mIoU(S), mIoU(U) and hIoU: the one definition of each.
+
+    Args:
+        iou: (..., K) per-class IoU in percent, NaN where undefined (`class_iou`).
+        seen: seen class indices; with `unseen` given, default: every class not unseen.
+        unseen: unseen class indices; None for no split.
+
+    Returns:
+        {"mIoU"[, "mIoU(S)", "mIoU(U)", "hIoU"]: (...) float64, NaN where undefined}.
+    """
+    summary = {"mIoU": class_mean(iou)}
+    if unseen is not None:
+        seen = _default_seen(seen, unseen, iou.shape[-1])
+        summary["mIoU(S)"] = class_mean(iou, seen)
+        summary["mIoU(U)"] = class_mean(iou, unseen)
+        summary["hIoU"] = _harmonic(summary["mIoU(S)"], summary["mIoU(U)"])
+    return summary
+
+
+def _default_seen(seen: Sequence[int] | None, unseen: Sequence[int], num_classes: int) -> list:
+    return [i for i in range(num_classes) if i not in unseen] if seen is None else list(seen)
+
+
+def optional_float(value: Tensor) -> float | None:
+    """A 0-d tensor as a float, or None where it is NaN (undefined), as results store it."""
+    return None if torch.isnan(value) else float(value)
 
 
 def metrics(
@@ -107,37 +185,32 @@ def metrics(
         raise ValueError(
             f"Confusion matrix is {tuple(conf.shape)} but there are {num_classes} class names."
         )
-    conf = conf.to(torch.int64)
-    true_positive = conf.diagonal()
-    ground_truth = conf.sum(dim=1)
-    predicted = conf.sum(dim=0)
-    iou = _percent(true_positive, ground_truth + predicted - true_positive)
-    acc = _percent(true_positive, ground_truth)
-    names = [display_name(name) for name in class_names]
-    total = int(ground_truth.sum())
-    result: dict = {
-        "aAcc": None if total == 0 else PERCENT * int(true_positive.sum()) / total,
-        "mIoU": _nan_mean(iou),
-        "mAcc": _nan_mean(acc),
-    }
     if unseen is not None:
-        seen = [i for i in range(num_classes) if i not in unseen] if seen is None else seen
-        _check_split(seen, unseen, num_classes)
-        result["mIoU(S)"] = _nan_mean([iou[i] for i in seen])
-        result["mIoU(U)"] = _nan_mean([iou[i] for i in unseen])
-        result["hIoU"] = harmonic_mean(result["mIoU(S)"], result["mIoU(U)"])
-    result.update(
-        IoU=dict(zip(names, iou, strict=True)),
-        Acc=dict(zip(names, acc, strict=True)),
-        class_names=list(class_names),
-        seen=None if unseen is None else list(seen),
-        unseen=None if unseen is None else list(unseen),
-        num_pixels=total,
-    )
-    return result
+        seen = _default_seen(seen, unseen, num_classes)
+        check_split(seen, unseen, num_classes)
+    intersection, union = intersection_and_union(conf)
+    ground_truth = conf.to(torch.int64).sum(dim=1)
+    iou = class_iou(intersection, union)
+    acc = _percent(intersection, ground_truth)
+    summary = {key: optional_float(value) for key, value in iou_summary(iou, seen, unseen).items()}
+    total = int(ground_truth.sum())
+    names = [display_name(name) for name in class_names]
+    return {
+        "aAcc": None if total == 0 else PERCENT * int(intersection.sum()) / total,
+        "mIoU": summary.pop("mIoU"),
+        "mAcc": optional_float(class_mean(acc)),
+        **summary,
+        "IoU": dict(zip(names, map(optional_float, iou), strict=True)),
+        "Acc": dict(zip(names, map(optional_float, acc), strict=True)),
+        "class_names": list(class_names),
+        "seen": None if unseen is None else list(seen),
+        "unseen": None if unseen is None else list(unseen),
+        "num_pixels": total,
+    }
 
 
-def _check_split(seen: Sequence[int], unseen: Sequence[int], num_classes: int) -> None:
+def check_split(seen: Sequence[int], unseen: Sequence[int], num_classes: int) -> None:
+    """Raise ValueError unless seen and unseen are disjoint class indices in [0, num_classes)."""
     for kind, indices in (("seen", seen), ("unseen", unseen)):
         if any(not 0 <= i < num_classes for i in indices):
             raise ValueError(

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from zegkit.evaluate.bootstrap import CI_SUFFIX
 from zegkit.io import save_json_atomic
 
 SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mIoU(S)", "mIoU(U)", "hIoU")
@@ -14,6 +15,13 @@ SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mIoU(S)", "mIoU(U)", "hIoU")
 
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _summary_cell(result: Mapping, key: str) -> str:
+    """A summary value, followed by its bootstrap interval when the result has one."""
+    interval = result.get(key + CI_SUFFIX)
+    bounds = "" if interval is None else f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+    return _cell(result.get(key)) + bounds
 
 
 def _rows_to_text(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -35,7 +43,10 @@ def _split_mark(index: int, result: Mapping) -> str:
 
 
 def format_table(result: Mapping, *, per_class: bool = True) -> str:
-    """A result of `metrics`/`evaluate` as a text table: per-class IoU/Acc, then the summary."""
+    """A result of `metrics`/`evaluate` as a text table: per-class IoU/Acc, then the summary.
+
+    Summary values with a bootstrap interval show it after the value: "41.20 [38.90, 43.60]".
+    """
     parts = []
     if per_class:
         split = result.get("unseen") is not None
@@ -46,7 +57,7 @@ def format_table(result: Mapping, *, per_class: bool = True) -> str:
             rows.append(row + ([_split_mark(index, result)] if split else []))
         parts.append(_rows_to_text(header, rows))
     keys = [key for key in SUMMARY_KEYS if key in result]
-    parts.append(_rows_to_text(keys, [[_cell(result[key]) for key in keys]]))
+    parts.append(_rows_to_text(keys, [[_summary_cell(result, key) for key in keys]]))
     title = _title(result)
     return "\n\n".join(([title] if title else []) + parts)
 
@@ -79,7 +90,7 @@ def format_comparison(results: Mapping[str, Mapping], *, per_class: bool = True)
         rows.append([""] * (len(columns) + 1))
     for key in SUMMARY_KEYS:
         if any(key in result for result in ran):
-            rows.append([key, *(_cell(results[c].get(key)) for c in columns)])
+            rows.append([key, *(_summary_cell(results[c], key) for c in columns)])
     notes = [f"{c}: {results[c]['error']}" for c in columns if "error" in results[c]]
     header = ["IoU" if per_class else "metric", *columns]
     return "\n".join([_rows_to_text(header, rows), *notes])

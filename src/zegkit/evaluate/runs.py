@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from zegkit.data.base import SegmentationDataset
@@ -51,6 +51,8 @@ def evaluate_method(
     num_workers: int = 2,
     progress: bool = True,
     limit: int | None = None,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
     **overrides: object,
 ) -> dict:
     """Build a segmenter for `method` under a protocol and evaluate it on `dataset`.
@@ -66,7 +68,8 @@ def evaluate_method(
             None: `zegkit.backbone.DEFAULT_MODEL`.
         protocol: a protocol name, or None for the dataset's default.
         device: where to run (default: the distributed context's device, else CPU/CUDA).
-        checkpoint, checkpoint_every, num_workers, progress, limit: as in `evaluate`.
+        checkpoint, checkpoint_every, num_workers, progress, limit, bootstrap,
+            bootstrap_seed: as in `evaluate`.
         **overrides: e.g. logit_scale=50, refine="pamr", precision="bf16".
 
     Returns:
@@ -77,6 +80,7 @@ def evaluate_method(
     return _evaluate_prepared(
         prepared, dataset, progress=progress, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, num_workers=num_workers, limit=limit,
+        bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
     )
 
 
@@ -102,19 +106,11 @@ def _prepare(
     chosen = _protocol_for(dataset, protocol)
     overrides = {key: value for key, value in overrides.items() if value is not None}
     device = device or init_distributed().device
-    inference = None
-    if chosen is not None:
-        from zegkit.inference import InferenceConfig
-
-        inference = InferenceConfig(**chosen.inference_overrides())
-    segmenter = load_segmenter(method, model, device=device, inference=inference, **overrides)
+    segmenter = load_segmenter(method, model, device=device, protocol=chosen, **overrides)
     seen, unseen = (None, None) if chosen is None else chosen.split_indices(dataset.class_names)
     settings = {
-        "method": method,
-        "model": str(model),
-        "protocol": None if chosen is None else chosen.name,
+        **segmenter.settings(),
         "protocol_settings": None if chosen is None else chosen.to_dict(),
-        "inference": asdict(segmenter.config),
         "overrides": overrides,
         "device": str(device),
     }
@@ -199,7 +195,8 @@ def run_eval_all(
         raise ValueError(f"Unknown methods {unknown}; available: {sorted(METHODS)}.")
     context = init_distributed(kwargs.pop("device", None))
     data = load_dataset(dataset, data_root, split)
-    run_keys = ("progress", "checkpoint_every", "num_workers", "limit")
+    run_keys = ("progress", "checkpoint_every", "num_workers", "limit", "bootstrap",
+                "bootstrap_seed")
     run_args = {key: kwargs.pop(key) for key in run_keys if key in kwargs}
     model = _model_or_default(kwargs.pop("model", None))
     protocol = kwargs.pop("protocol", None)
