@@ -6,10 +6,11 @@ from conftest import make_tiny_clip
 from torch import nn
 
 from zegkit.backbone import ClipBackbone
-from zegkit.inference import InferenceConfig, class_probabilities, resize
+from zegkit.inference import InferenceConfig, resize
 from zegkit.methods import METHODS, create_method
 from zegkit.methods.base import cosine_logits
-from zegkit.refine import PAMR
+from zegkit.refine.pamr import PAMR
+from zegkit.scores import DenseScores, class_probabilities
 from zegkit.segmenter import Segmenter
 
 CLASSES = ["dog; cat", "grass", "sky"]
@@ -22,18 +23,16 @@ def backbone(tiny_tokenizer):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_pamr_follows_any_method(backbone, name):
-    """Segmenter(refine="pamr") equals PAMR applied by hand to the method's stitched logits."""
+    """Segmenter(refine="pamr") equals PAMR applied by hand to the method's stitched scores."""
     method = create_method(name, compensation=False) if name == "cliper" else create_method(name)
     config = InferenceConfig(short_side=None, mode="whole", refine="pamr")
     segmenter = Segmenter(backbone, method, config, templates="single")
     text = segmenter.set_vocabulary(CLASSES)
     images = torch.rand(1, 3, 64, 80)
     with torch.no_grad():
-        logits = method(backbone, backbone.normalize(images), text)
-        logits = resize(logits.float(), (64, 80))
-        expected = class_probabilities(
-            PAMR()(images, logits), text.class_index, text.num_classes, segmenter.logit_scale
-        )
+        values = resize(method(backbone, backbone.normalize(images), text).float(), (64, 80))
+        scores = DenseScores(values, method.activation(), method.rows)
+        expected = class_probabilities(PAMR()(images, scores), text)
     assert torch.allclose(segmenter.probabilities(images), expected, atol=1e-5)
 
 

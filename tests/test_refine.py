@@ -6,14 +6,18 @@ import pytest
 import torch
 
 from zegkit.refine import (
-    PAMR,
     REFINERS,
-    NoRefine,
     create_refiner,
     list_refiners,
-    local_affinity,
-    refine,
+    parse_refine_chain,
 )
+from zegkit.refine.base import NoRefine
+from zegkit.refine.pamr import PAMR, local_affinity
+from zegkit.scores import Activation, DenseScores
+
+
+def _scores(values, activation=Activation("softmax", 40.0)):
+    return DenseScores(values, activation)
 
 OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 
@@ -63,7 +67,7 @@ def test_pamr_matches_naive_loops(dilations):
     image = torch.rand(1, 3, 6, 7, generator=gen)
     logits = torch.randn(1, 4, 6, 7, generator=gen)
     expected = naive_pamr(image, logits, num_iter=3, dilations=dilations)
-    got = PAMR(num_iter=3, dilations=dilations)(image, logits)
+    got = PAMR(num_iter=3, dilations=dilations)(image, _scores(logits)).values
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -74,28 +78,25 @@ def test_affinity_is_a_distribution_over_neighbours():
     torch.testing.assert_close(weights.sum(1), torch.ones(2, 5, 9))
 
 
-def test_shapes_dtype_and_probabilities_stay_probabilities():
+def test_shapes_dtype_activation_and_probabilities_stay_probabilities():
     image = torch.rand(2, 3, 20, 24)
     probs = torch.randn(2, 5, 20, 24).softmax(1).to(torch.bfloat16)
-    out = PAMR()(image, probs)
-    assert out.shape == probs.shape and out.dtype == torch.bfloat16
-    assert torch.isfinite(out.float()).all()
-    torch.testing.assert_close(out.float().sum(1), torch.ones(2, 20, 24), atol=2e-2, rtol=0)
-
-
-def test_low_resolution_scores_are_resized_to_the_image():
-    out = refine("pamr", torch.rand(1, 3, 32, 32), torch.randn(1, 3, 8, 8), num_iter=2)
-    assert out.shape == (1, 3, 32, 32)
+    out = PAMR()(image, _scores(probs, Activation("identity")))
+    assert out.values.shape == probs.shape and out.values.dtype == torch.bfloat16
+    assert out.activation == Activation("identity") and out.rows == "synonyms"
+    torch.testing.assert_close(out.values.float().sum(1), torch.ones(2, 20, 24), atol=2e-2, rtol=0)
 
 
 def test_commutes_with_logit_scale_and_image_normalisation():
     image, logits = torch.rand(1, 3, 12, 12), torch.randn(1, 3, 12, 12)
     pamr = PAMR(num_iter=5, dilations=(1, 2))
-    base = pamr(image, logits)
-    torch.testing.assert_close(pamr(image, 40 * logits), 40 * base, rtol=1e-4, atol=1e-4)
+    base = pamr(image, _scores(logits)).values
+    scaled = pamr(image, _scores(40 * logits)).values
+    torch.testing.assert_close(scaled, 40 * base, rtol=1e-4, atol=1e-4)
     mean = torch.tensor([0.48, 0.46, 0.41]).view(1, 3, 1, 1)
     std = torch.tensor([0.27, 0.26, 0.28]).view(1, 3, 1, 1)
-    torch.testing.assert_close(pamr((image - mean) / std, logits), base, rtol=1e-4, atol=1e-4)
+    normalised = pamr((image - mean) / std, _scores(logits)).values
+    torch.testing.assert_close(normalised, base, rtol=1e-4, atol=1e-4)
 
 
 def test_mask_snaps_to_a_sharp_colour_edge():
@@ -106,7 +107,7 @@ def test_mask_snaps_to_a_sharp_colour_edge():
     logits[:, 0, :, :5] = 1.0
     logits[:, 1, :, 5:] = 1.0
     before = logits.argmax(1)
-    after = PAMR(num_iter=10, dilations=(1, 2))(image, logits).argmax(1)
+    after = PAMR(num_iter=10, dilations=(1, 2))(image, _scores(logits)).values.argmax(1)
     edge = torch.zeros(1, 16, 16, dtype=torch.long)
     edge[..., 8:] = 1
     assert (before != edge).any()
@@ -115,24 +116,29 @@ def test_mask_snaps_to_a_sharp_colour_edge():
 
 def test_zero_iterations_and_none_refiner_are_identities():
     image, logits = torch.rand(1, 3, 6, 7), torch.randn(1, 2, 6, 7)
-    torch.testing.assert_close(PAMR(num_iter=0)(image, logits), logits)
-    assert refine("none", image, logits) is logits
+    torch.testing.assert_close(PAMR(num_iter=0)(image, _scores(logits)).values, logits)
+    scores = _scores(logits)
+    assert create_refiner("none")(image, scores) is scores
     assert isinstance(create_refiner("none"), NoRefine)
 
 
-def test_registry_and_errors():
-    assert sorted(REFINERS) == ["none", "pamr"] == sorted(list_refiners())
+def test_registry_chains_and_errors():
+    assert sorted(REFINERS) == ["diffusion", "none", "pamr"] == sorted(list_refiners())
     assert create_refiner("pamr", num_iter=None).num_iter == 10
     assert create_refiner("pamr").dilations == (8, 16)
-    with pytest.raises(ValueError, match=r"choose one of \['none', 'pamr'\]"):
+    assert parse_refine_chain("none") == []
+    assert parse_refine_chain("diffusion + pamr") == ["diffusion", "pamr"]
+    with pytest.raises(ValueError, match="Unknown refiner"):
+        parse_refine_chain("pamr+crf")
+    with pytest.raises(ValueError, match=r"choose one of \['diffusion', 'none', 'pamr'\]"):
         create_refiner("crf")
     with pytest.raises(ValueError, match="num_iter"):
         PAMR(num_iter=-1)
     with pytest.raises(ValueError, match="dilations"):
         PAMR(dilations=())
-    with pytest.raises(ValueError, match="Bad arguments"):
+    with pytest.raises(ValueError, match="valid options are"):
         create_refiner("pamr", radius=3)
     with pytest.raises(ValueError, match="unsqueeze"):
-        refine("pamr", torch.rand(3, 8, 8), torch.rand(1, 2, 8, 8))
+        PAMR()(torch.rand(3, 8, 8), _scores(torch.rand(1, 2, 8, 8)))
     with pytest.raises(ValueError, match="batch"):
-        refine("pamr", torch.rand(2, 3, 8, 8), torch.rand(1, 2, 8, 8))
+        PAMR()(torch.rand(2, 3, 8, 8), _scores(torch.rand(1, 2, 8, 8)))
