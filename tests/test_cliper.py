@@ -1,7 +1,6 @@
 """CLIPer: the early-layer fusion against a direct computation of its formula on a tiny CLIP, and
 the Stable Diffusion self-attention refiner on a tiny random UNet / VAE."""
 
-import logging
 import math
 import sys
 from functools import reduce
@@ -9,20 +8,21 @@ from functools import reduce
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.tiny_sd import TINY_HEADS, TINY_LAYERS, save_tiny_random_pipeline, tiny_unet, tiny_vae
 
-from zegkit import diffusion
 from zegkit.backbone import ClipBackbone, load_clip
-from zegkit.diffusion import (
-    TINY_HEADS,
-    TINY_LAYERS,
+from zegkit.methods.cliper import CLIPer, CLIPerConfig
+from zegkit.refine import create_refiner
+from zegkit.refine.diffusion import (
+    SD_MODEL,
     DiffusionRefiner,
     DiffusionRefinerConfig,
     SelfAttentionRecorder,
     compensate,
+    diffusers_available,
     propagation_matrices,
 )
-from zegkit.methods import cliper as cliper_module
-from zegkit.methods.cliper import CLIPer, CLIPerConfig
+from zegkit.scores import Activation, DenseScores
 
 TOL = 1e-5
 
@@ -51,8 +51,18 @@ def _heads(x, linear, heads):
     return linear(x).view(batch, tokens, heads, width // heads).transpose(1, 2)
 
 
-def _direct_fusion(backbone, pixels, early_input="residual"):
-    """(N, B, h*w, D) normalised outputs and the normalised fused attention (B, heads, T, T)."""
+def _symmetric(a):
+    a = 0.5 * (a + a.transpose(2, 3))
+    a = torch.relu(a - a.mean(dim=2, keepdim=True))
+    return a / a.sum(dim=3, keepdim=True)
+
+
+def _direct_fusion(backbone, pixels, variant="paper"):
+    """(N, B, h*w, D) normalised outputs and the attention of the last pass (B, heads, T, T).
+
+    "released": each early embedding through its own layer_norm1 first, and the column/row
+    balancing of the mean attention accumulated pass after pass, as the code's in-place division.
+    """
     vision = backbone.model.vision_model
     heads = backbone.num_heads
     with torch.no_grad():
@@ -69,17 +79,22 @@ def _direct_fusion(backbone, pixels, early_input="residual"):
             _heads(y, layers[n].self_attn.k_proj, heads),
         )
         maps.append((q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1))
-    a = torch.stack(maps).mean(0)
-    a = a / a.sum(dim=2, keepdim=True)  # columns sum to 1
-    a = a / a.sum(dim=3, keepdim=True)  # rows sum to 1
-    a = 0.5 * (a + a.transpose(2, 3))
-    a = torch.relu(a - a.mean(dim=2, keepdim=True))
-    a = a / a.sum(dim=3, keepdim=True)
+    m = torch.stack(maps).mean(0)
+    passes = []
+    for _ in range(n_layers):
+        balanced = m / m.sum(dim=2, keepdim=True)  # columns sum to 1
+        balanced = balanced / balanced.sum(dim=3, keepdim=True)  # rows sum to 1
+        passes.append(_symmetric(balanced))
+        if variant == "released":
+            m = balanced
+    if variant == "paper":
+        passes = [passes[0]] * n_layers
     last = layers[-1]
     outputs = []
     for n in range(n_layers):
+        a = passes[n]
         x = hidden[n]
-        if early_input == "layer_norm" and n < n_layers - 1:
+        if variant == "released" and n < n_layers - 1:
             x = layers[n].layer_norm1(x)
         v = _heads(last.layer_norm1(x), last.self_attn.v_proj, heads)
         o = last.self_attn.out_proj((a @ v).transpose(1, 2).reshape(x.shape))  # no residual, FFN
@@ -91,30 +106,37 @@ def _direct_fusion(backbone, pixels, early_input="residual"):
 def _direct_coarse(backbone, pixels, rows, scale=100.0, layer=-1, threshold=0.2, **kwargs):
     z, a = _direct_fusion(backbone, pixels, **kwargs)
     maps = (scale * z @ rows.T).softmax(-1)  # (N, B, h*w, Q)
-    coarse = maps.mean(0)
-    if layer is not None:
-        chosen = maps[layer]
-        chosen = chosen * (chosen >= threshold * chosen.max(dim=1, keepdim=True).values)
-        coarse = coarse + a.mean(1)[:, 1:, 1:] @ chosen
-    return coarse
+    if layer is None:
+        return maps.mean(0)
+    chosen = maps[layer]
+    chosen = chosen * (chosen >= threshold * chosen.max(dim=1, keepdim=True).values)
+    patches = a.mean(1)[:, 1:, 1:]
+    if kwargs.get("variant", "paper") == "paper":
+        return maps.mean(0) + patches @ chosen
+    maps = maps.clone()
+    maps[layer] = chosen  # the code thresholds the selected map in place, before the mean
+    return maps.mean(0) + patches.transpose(1, 2) @ chosen
 
 
-@pytest.mark.parametrize("early_input", ["residual", "layer_norm"])
+@pytest.mark.parametrize("variant", ["paper", "released"])
 @pytest.mark.parametrize("layer", [-1, 0, None])
-def test_coarse_map_follows_the_formula(backbone, text, early_input, layer):
+def test_coarse_map_follows_the_formula(backbone, text, variant, layer):
     pixels = torch.randn(2, 3, 160, 224)
-    method = CLIPer(CLIPerConfig(early_input=early_input, propagate_layer=layer))
-    logits = method(backbone, pixels, text)
-    assert logits.shape == (2, 5, 10, 14)
-    expected = _direct_coarse(
-        backbone, pixels, text.embeddings, layer=layer, early_input=early_input
-    )
+    method = CLIPer(CLIPerConfig(variant=variant, propagate_layer=layer))
+    probabilities = method(backbone, pixels, text)
+    assert probabilities.shape == (2, 5, 10, 14)
+    assert method.activation() == Activation("identity") and method.rows == "classes"
+    expected = _direct_coarse(backbone, pixels, text.embeddings, layer=layer, variant=variant)
     expected = expected.transpose(1, 2).reshape(2, 5, 10, 14)
-    # compared as probabilities: log-space differences of maps below ~1e-10 are roundoff
-    assert (torch.exp(100.0 * logits) - expected).abs().max() <= TOL
-    # the shared decision softmax(s · logits) gives back the coarse map, renormalised
-    probabilities = (100.0 * logits).softmax(1)
-    assert torch.allclose(probabilities, expected / expected.sum(1, keepdim=True), atol=1e-4)
+    expected = expected / expected.sum(1, keepdim=True)
+    assert (probabilities - expected).abs().max() <= TOL
+
+
+def test_the_two_variants_differ(backbone, text):
+    pixels = torch.randn(1, 3, 224, 224)
+    paper = CLIPer(CLIPerConfig())(backbone, pixels, text)
+    released = CLIPer(CLIPerConfig(variant="released"))(backbone, pixels, text)
+    assert (paper - released).abs().max() > 1e-3
 
 
 def test_fused_attention_and_dense_features(backbone):
@@ -132,23 +154,25 @@ def test_fused_attention_and_dense_features(backbone):
     assert (dense - expected).abs().max() <= TOL
 
 
-def test_outputs_are_finite_and_in_cosine_range(backbone, text):
+def test_outputs_are_probabilities_also_under_autocast(backbone, text):
     method = CLIPer(CLIPerConfig(normalize_attention=False))
-    logits = method(backbone, torch.randn(1, 3, 224, 176), text)
-    assert logits.shape == (1, 5, 14, 11)
-    assert torch.isfinite(logits).all()
-    assert logits.abs().max() <= 1 + 1e-5
+    probabilities = method(backbone, torch.randn(1, 3, 224, 176), text)
+    assert probabilities.shape == (1, 5, 14, 11)
+    assert (probabilities >= 0).all()
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(1, 14, 11))
     assert not list(method.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = method(backbone, torch.randn(1, 3, 224, 176), text)
-    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+        probabilities = method(backbone, torch.randn(1, 3, 224, 176), text)
+    assert probabilities.dtype == torch.float32 and torch.isfinite(probabilities).all()
 
 
 def test_config_errors_list_the_choices(backbone, text, tiny_tokenizer):
-    with pytest.raises(ValueError, match="residual"):
-        CLIPerConfig(early_input="norm")
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(ValueError, match="'released'"):
+        CLIPerConfig(variant="code")
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
         CLIPerConfig(propagate_threshold=1.5)
+    with pytest.raises(ValueError, match="diffusion_threshold"):
+        CLIPerConfig(diffusion_threshold=-0.1)
     with pytest.raises(ValueError, match="propagate_layer=7"):
         CLIPer(CLIPerConfig(propagate_layer=7))(backbone, torch.randn(1, 3, 224, 224), text)
     from conftest import make_tiny_clip
@@ -161,7 +185,7 @@ def test_config_errors_list_the_choices(backbone, text, tiny_tokenizer):
 # ---- the diffusion refiner on tiny random diffusers models ---------------------------------------
 # `diffusers` is optional (zegkit[diffusion]); without it only the tests below that need it skip.
 requires_diffusers = pytest.mark.skipif(
-    not diffusion.diffusers_available(), reason="needs the optional dependency diffusers"
+    not diffusers_available(), reason="needs the optional dependency diffusers"
 )
 
 TINY_GRID = 16  # latent grid of a 32 x 32 image under the tiny VAE
@@ -178,8 +202,8 @@ def refiner():
     torch.manual_seed(2)
     prompt = torch.randn(1, 7, 32)
     return DiffusionRefiner(
-        diffusion.tiny_unet(),
-        diffusion.tiny_vae(),
+        tiny_unet(),
+        tiny_vae(),
         diffusers.DDPMScheduler().alphas_cumprod,
         prompt,
         _config(),
@@ -188,7 +212,7 @@ def refiner():
 
 @requires_diffusers
 def test_recorder_keeps_the_unet_output_and_records_probabilities():
-    unet = diffusion.tiny_unet()
+    unet = tiny_unet()
     torch.manual_seed(4)
     sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
     with torch.no_grad():
@@ -235,9 +259,9 @@ def test_refinement_is_the_product_of_the_maps(refiner):
     assert len(matrices) == 2 * TINY_HEADS
     product = reduce(torch.matmul, matrices)  # M_1 M_2 ... M_m, (1, n, n)
     expected = (product @ scores.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(scores.shape)
-    refined = refiner(image, scores)
-    assert refined.shape == scores.shape
-    assert (refined - expected).abs().max() <= 1e-5
+    refined = refiner(image, DenseScores(scores, Activation("identity")))
+    assert refined.values.shape == scores.shape and refined.activation == Activation("identity")
+    assert (refined.values - expected).abs().max() <= 1e-5
     ours = propagation_matrices(maps, 0.2)
     assert all((a - b).abs().max() <= 1e-6 for a, b in zip(ours, matrices, strict=True))
     mean = compensate(ours, scores, "mean")
@@ -246,27 +270,25 @@ def test_refinement_is_the_product_of_the_maps(refiner):
 
 
 @requires_diffusers
-def test_refinement_of_logits_returns_logits(refiner):
+def test_softmax_scores_are_refined_as_their_probabilities(refiner):
     image = torch.rand(1, 3, TINY_GRID, TINY_GRID)
-    logits = torch.randn(1, 4, 5, 5) * 0.1
-    out = refiner(image, logits, logit_scale=50.0)
-    assert out.shape == (1, 4, TINY_GRID, TINY_GRID)
-    probabilities = refiner(image, (50.0 * logits).softmax(1))
-    assert torch.allclose(
-        (50.0 * out).softmax(1), probabilities / probabilities.sum(1, True), atol=1e-5
-    )
+    logits = torch.randn(1, 4, TINY_GRID, TINY_GRID) * 0.1
+    out = refiner(image, DenseScores(logits, Activation("softmax", 50.0), rows="classes"))
+    assert out.activation == Activation("identity") and out.rows == "classes"
+    probabilities = DenseScores((50.0 * logits).softmax(1), Activation("identity"))
+    torch.testing.assert_close(out.values, refiner(image, probabilities).values)
 
 
 @requires_diffusers
 def test_refiner_input_errors(refiner):
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        refiner(torch.randn(1, 3, 16, 16) * 2, torch.rand(1, 2, 4, 4))
+        refiner(torch.randn(1, 3, 16, 16) * 2, _identity(torch.rand(1, 2, 16, 16)))
     with pytest.raises(ValueError, match="batch"):
-        refiner(torch.rand(3, 16, 16), torch.rand(1, 2, 4, 4))
+        refiner(torch.rand(3, 16, 16), _identity(torch.rand(1, 2, 16, 16)))
     with pytest.raises(ValueError, match="attn2"):  # a cross-attention layer: valid ones listed
         DiffusionRefiner(
-            diffusion.tiny_unet(),
-            diffusion.tiny_vae(),
+            tiny_unet(),
+            tiny_vae(),
             torch.linspace(0.99, 0.01, 1000),
             torch.zeros(1, 7, 32),
             _config(layers=("up_blocks.1.attentions.0.transformer_blocks.0.attn2",)),
@@ -278,17 +300,17 @@ def test_refiner_input_errors(refiner):
 @pytest.fixture(scope="module")
 def tiny_sd_dir(tmp_path_factory, tiny_tokenizer):
     """The tiny components saved in diffusers' layout, as a downloaded SD model would be."""
-    return diffusion.save_tiny_random_pipeline(tmp_path_factory.mktemp("tiny-sd"), tiny_tokenizer)
+    return save_tiny_random_pipeline(tmp_path_factory.mktemp("tiny-sd"), tiny_tokenizer)
 
 
 @requires_diffusers
 def test_from_pretrained_loads_a_local_model(tiny_sd_dir):
     refiner = DiffusionRefiner.from_pretrained(_config(model=str(tiny_sd_dir)))
     assert refiner.prompt_embeds.shape == (1, 77, 32)
-    image, scores = torch.rand(1, 3, 24, 24), torch.rand(1, 2, 6, 6)
+    image, scores = torch.rand(1, 3, 24, 24), _identity(torch.rand(1, 2, 24, 24))
     first, second = refiner(image, scores), refiner(image, scores)
-    assert first.shape == (1, 2, 24, 24)
-    assert torch.equal(first, second)  # seeded noise: reproducible
+    assert first.values.shape == (1, 2, 24, 24)
+    assert torch.equal(first.values, second.values)  # seeded noise: reproducible
 
 
 @requires_diffusers
@@ -305,29 +327,40 @@ def test_from_pretrained_errors_name_what_to_download(tmp_path, tiny_sd_dir, mon
 
 
 @requires_diffusers
-def test_cliper_builds_the_refiner_and_both_compose(backbone, text, tiny_sd_dir):
-    method = CLIPer(CLIPerConfig(diffusion_model=str(tiny_sd_dir)))
-    refiner = method.build_refiner(layers=TINY_LAYERS, image_size=32)
-    assert isinstance(refiner, DiffusionRefiner)
+def test_cliper_names_its_refiner_and_both_compose(backbone, text, tiny_sd_dir):
+    method = CLIPer(CLIPerConfig(diffusion_model=str(tiny_sd_dir), diffusion_threshold=0.1))
+    [(name, options)] = method.refiners()
+    assert name == "diffusion" and options == {"model": str(tiny_sd_dir), "threshold": 0.1}
+    refiner = create_refiner(name, **options, layers=TINY_LAYERS, image_size=32)
+    assert isinstance(refiner, DiffusionRefiner) and refiner.config.threshold == 0.1
     image = torch.rand(1, 3, 224, 224)
-    coarse = method.coarse_map(backbone, backbone.normalize(image), text.embeddings)
-    refined = refiner(image, coarse)
-    assert refined.shape == (1, 5, 224, 224)
-    assert torch.isfinite(refined).all()
-    assert CLIPer(CLIPerConfig(compensation=False)).build_refiner() is None
-    assert cliper_module.DEFAULT_DIFFUSION_MODEL == diffusion.SD_MODEL  # one default, two names
+    coarse = method(backbone, backbone.normalize(image), text)
+    coarse = F.interpolate(coarse, size=(224, 224), mode="bilinear")
+    refined = refiner(image, DenseScores(coarse, method.activation(), method.rows))
+    assert refined.values.shape == (1, 5, 224, 224)
+    assert torch.isfinite(refined.values).all()
+    assert CLIPer(CLIPerConfig(compensation=False)).refiners() == ()
+    assert CLIPerConfig().diffusion_model == SD_MODEL
 
 
-def test_without_diffusers_cliper_runs_fusion_only(monkeypatch, caplog, backbone, text):
+def test_compensation_without_diffusers_says_how_to_fix_it(monkeypatch, backbone, text):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now fails
-    monkeypatch.setattr(cliper_module, "_warned_fusion_only", False)
-    assert not diffusion.diffusers_available()
-    method = CLIPer(CLIPerConfig())
-    with caplog.at_level(logging.WARNING):
-        assert method.build_refiner() is None
-        assert method.build_refiner() is None
-    messages = [r.getMessage() for r in caplog.records if "fusion-only" in r.getMessage()]
-    assert len(messages) == 1 and "zegkit[diffusion]" in messages[0]
-    assert torch.isfinite(method(backbone, torch.randn(1, 3, 224, 224), text)).all()
+    assert not diffusers_available()
+    with pytest.raises(RuntimeError, match=r"zegkit\[diffusion\].*compensation=False"):
+        CLIPer(CLIPerConfig()).refiners()
+    fusion_only = CLIPer(CLIPerConfig(compensation=False))
+    assert fusion_only.refiners() == ()
+    assert torch.isfinite(fusion_only(backbone, torch.randn(1, 3, 224, 224), text)).all()
     with pytest.raises(RuntimeError, match=r"zegkit\[diffusion\]"):
         DiffusionRefiner.from_pretrained(_config())
+
+
+def test_compensation_without_weights_says_what_to_download(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises((RuntimeError, FileNotFoundError), match="compensation=False"):
+        CLIPer(CLIPerConfig(diffusion_model="zegkit-test/no-such-sd")).refiners()
+
+
+def _identity(values):
+    return DenseScores(values, Activation("identity"))

@@ -15,8 +15,10 @@ from zegkit.refine.base import NoRefine
 from zegkit.refine.pamr import PAMR, local_affinity
 from zegkit.scores import Activation, DenseScores
 
+SOFTMAX = Activation("softmax", 40.0)
 
-def _scores(values, activation=Activation("softmax", 40.0)):
+
+def _scores(values, activation=SOFTMAX):
     return DenseScores(values, activation)
 
 OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
