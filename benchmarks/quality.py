@@ -11,6 +11,7 @@ Printed as a table and saved as JSON.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,15 +19,17 @@ from pathlib import Path
 import torch
 from transformers import CLIPModel
 
-from zegkit import diffusion
-from zegkit.backbone import load_clip
-from zegkit.data import get_protocol, load_dataset
-from zegkit.data.synthetic import write_dataset
-from zegkit.evaluate import evaluate, save_results
-from zegkit.inference import InferenceConfig
-from zegkit.methods import create_method
-from zegkit.segmenter import Segmenter
-from zegkit.train.pretrain_clip import evaluate as classification_quality
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from helpers.tiny_sd import TINY_LAYERS, save_tiny_random_pipeline  # noqa: E402
+
+from zegkit.backbone import load_clip  # noqa: E402
+from zegkit.data import load_dataset  # noqa: E402
+from zegkit.data.synthetic import write_dataset  # noqa: E402
+from zegkit.evaluate import evaluate, save_results  # noqa: E402
+from zegkit.refine import create_refiner  # noqa: E402
+from zegkit.segmenter import load_segmenter  # noqa: E402
+from zegkit.train.pretrain_clip import evaluate as classification_quality  # noqa: E402
 
 HELDOUT_SEED = 20261123  # scenes of this seed are never generated for training
 TINY_SD_IMAGE_SIZE = 64  # the random tiny SD attends over a 32 x 32 latent grid
@@ -47,20 +50,19 @@ COLUMNS = ("mIoU", "mIoU(S)", "mIoU(U)", "hIoU", "aAcc")
 def random_sd_refiner(workdir: Path, backbone) -> torch.nn.Module:
     """CLIPer's compensation module on a tiny random-weight Stable Diffusion (no trained SD
     can be had offline): shows the mechanism end to end, not the paper's gain."""
-    path = diffusion.save_tiny_random_pipeline(workdir / "tiny-sd", backbone.tokenizer)
-    config = diffusion.DiffusionRefinerConfig(
-        model=str(path), layers=diffusion.TINY_LAYERS, image_size=TINY_SD_IMAGE_SIZE
+    path = save_tiny_random_pipeline(workdir / "tiny-sd", backbone.tokenizer)
+    return create_refiner(
+        "diffusion", model=str(path), layers=TINY_LAYERS, image_size=TINY_SD_IMAGE_SIZE
     )
-    return diffusion.DiffusionRefiner.from_pretrained(config)
 
 
 def run_row(backbone, dataset, method: str, settings: dict, refine: str, sd_refiner) -> dict:
     """Evaluate one method + refinement on the held-out set; returns the metrics."""
-    protocol = get_protocol("zegkit-synthetic").inference_overrides()
-    inference = InferenceConfig(**protocol, refine=refine)
-    segmenter = Segmenter(backbone, create_method(method, **settings), inference)
-    if sd_refiner is not None:
-        segmenter.method_refiner = sd_refiner
+    segmenter = load_segmenter(
+        method, backbone=backbone, protocol="zegkit-synthetic", refine=refine, **settings
+    )
+    if sd_refiner is not None:  # in the place of CLIPer's own compensation, before the user's
+        segmenter.refiners.insert(0, sd_refiner)
     start = time.perf_counter()
     result = evaluate(
         segmenter, dataset, progress=False, num_workers=0, seen=dataset.seen, unseen=dataset.unseen
