@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from zegkit.data import synthetic
+from zegkit.data.base import IGNORE_INDEX
 from zegkit.data.synthetic import (
     CLASS_ID,
     CLASSES,
@@ -38,7 +39,7 @@ def test_vocabulary_and_split():
     assert set(SEEN) | set(UNSEEN) == set(CLASSES) and not set(SEEN) & set(UNSEEN)
     assert len(SEEN) == 3 * len(UNSEEN)
     assert set(UNSEEN) & set(STUFF) and set(UNSEEN) & set(THINGS)
-    assert len(CLASSES) < synthetic.IGNORE_INDEX
+    assert len(CLASSES) < IGNORE_INDEX
 
 
 def test_same_seed_same_scene_and_different_seeds_differ():

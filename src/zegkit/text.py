@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -42,8 +41,10 @@ from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
+
+from zegkit.io import atomic_write
 
 # The 80 prompt templates CLIP uses for ImageNet zero-shot classification (CLIP repository,
 # notebooks/Prompt_Engineering_for_ImageNet.ipynb), in CLIP's order. SCLIP, ClearCLIP and NACLIP
@@ -489,23 +490,17 @@ def _load_cached(path: Path, identity: dict) -> Tensor | None:
 
 
 def _store_cached(path: Path, identity: dict, tensor: Tensor) -> None:
-    """Write atomically (temp file in the same folder + os.replace); a failure only warns."""
-    tmp_name = None
+    """Write atomically (`zegkit.io.atomic_write`); a failure only warns."""
+    blob = save({"synonym_embeddings": tensor.contiguous()},
+                metadata={"identity": json.dumps(identity, sort_keys=True)})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        save_file({"synonym_embeddings": tensor.contiguous()}, tmp_name,
-                  metadata={"identity": json.dumps(identity, sort_keys=True)})
-        os.replace(tmp_name, path)
-        tmp_name = None
+        with atomic_write(path, "wb") as handle:
+            handle.write(blob)
     except OSError as error:
         warnings.warn(f"Could not write the text-embedding cache {path} ({error}); continuing "
                       f"without it. Set {CACHE_ENV} or cache_dir to a writable folder.",
                       stacklevel=3)
-    finally:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.remove(tmp_name)
 
 
 # ---- public entry points ----------------------------------------------------------------------

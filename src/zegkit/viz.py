@@ -21,10 +21,9 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from zegkit.data.base import IGNORE_INDEX
 from zegkit.io import ImageSource, load_image
 
-# Label value for unlabelled / "void" pixels: the Pascal VOC and MMSegmentation convention.
-IGNORE_INDEX = 255
 # A "P" image has 256 entries; 255 is IGNORE_INDEX, so it can hold classes 0..254.
 MAX_PALETTE_CLASSES = 255
 # Three bits of the index go into R, G, B per round; 8 rounds fill 8 bits per channel.

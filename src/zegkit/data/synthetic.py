@@ -60,7 +60,6 @@ CLASSES = STUFF + THINGS
 # heart/crescent~disk, arrow~triangle) so that the unseen ones are neither trivial nor impossible.
 UNSEEN = ("water", "gravel", "heart", "crescent", "arrow")
 SEEN = tuple(name for name in CLASSES if name not in UNSEEN)
-IGNORE_INDEX = 255
 CLASS_ID = {name: index for index, name in enumerate(CLASSES)}
 
 # Thing colours: the attribute words of captions. RGB in 0..255.
