@@ -1,39 +1,56 @@
-"""End-to-end regression guard: the shipped tiny CLIP segments held-out synthetic scenes.
+"""End-to-end regression guard: the shipped tiny CLIP segments held-out synthetic scenes, and each
+surgery method keeps its measured margin over the naive baseline.
 
-Floors are set from a measurement (SCLIP on these 12 scenes: mIoU 17.7, pixel accuracy 51.3;
-chance with 20 classes is about 5% pixel accuracy), with margin for numerical drift across
-machines. A drop below them means a real regression in the backbone, methods, inference, text
-or the shipped weights.
+Measured on these 12 scenes (generator v1, the scenes the shipped model was trained on; 2-core
+AMD EPYC, fp32): pixel accuracy naive 45.2, MaskCLIP 50.3, SCLIP 51.3; SCLIP mIoU 17.7 (chance
+with 20 classes is about 5% pixel accuracy). A method that silently lost its surgery would score
+as naive does, so the test asserts margins over naive (about half the measured ones), not floors
+that naive also passes, plus an mIoU floor for the whole pipeline.
 """
 
 import pytest
 
 from zegkit.backbone import load_clip
-from zegkit.data import get_protocol, load_dataset
+from zegkit.data import load_dataset
 from zegkit.data.synthetic import write_dataset
 from zegkit.evaluate import evaluate
-from zegkit.inference import InferenceConfig
-from zegkit.methods import create_method
-from zegkit.segmenter import Segmenter
+from zegkit.segmenter import load_segmenter
 
 HELDOUT_SEED = 314
+GENERATOR_VERSION = 1  # the shipped zegkit/tiny-synthetic was trained on v1 scenes
 MIOU_FLOOR = 12.0
-PIXEL_ACCURACY_FLOOR = 40.0
+# method -> least pixel-accuracy points above naive (measured: MaskCLIP +5.1, SCLIP +6.0)
+MARGINS_OVER_NAIVE = {"maskclip": 2.5, "sclip": 3.0}
 
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
-    return load_dataset(
-        "synthetic", write_dataset(tmp_path_factory.mktemp("heldout"), 12, seed=HELDOUT_SEED)
+    root = write_dataset(
+        tmp_path_factory.mktemp("heldout"), 12, seed=HELDOUT_SEED, version=GENERATOR_VERSION
     )
+    return load_dataset("synthetic", root)
 
 
-def test_shipped_model_segments_well_above_chance(heldout):
-    protocol = get_protocol("zegkit-synthetic").inference_overrides()
-    segmenter = Segmenter(
-        load_clip("zegkit/tiny-synthetic"), create_method("sclip"), InferenceConfig(**protocol)
-    )
-    result = evaluate(segmenter, heldout, progress=False, num_workers=0)
-    assert result["mIoU"] >= MIOU_FLOOR
-    assert result["aAcc"] >= PIXEL_ACCURACY_FLOOR
-    assert result["hIoU"] is not None  # both seen and unseen classes occur in these scenes
+@pytest.fixture(scope="module")
+def results(heldout):
+    backbone = load_clip("zegkit/tiny-synthetic")
+    return {
+        method: evaluate(
+            load_segmenter(method, backbone=backbone, protocol="zegkit-synthetic"),
+            heldout,
+            progress=False,
+            num_workers=0,
+        )
+        for method in ["naive", *MARGINS_OVER_NAIVE]
+    }
+
+
+@pytest.mark.parametrize("method", sorted(MARGINS_OVER_NAIVE))
+def test_surgery_beats_naive_by_its_margin(results, method):
+    margin = results[method]["aAcc"] - results["naive"]["aAcc"]
+    assert margin >= MARGINS_OVER_NAIVE[method], f"{method} - naive = {margin:.2f} aAcc points"
+
+
+def test_shipped_model_segments_well_above_chance(results):
+    assert results["sclip"]["mIoU"] >= MIOU_FLOOR
+    assert results["sclip"]["hIoU"] is not None  # both seen and unseen classes occur here
