@@ -60,3 +60,18 @@ def test_segment_json_records_the_effective_settings(backbone, tmp_path):
     assert settings["method_config"]["logit_scale"] == 30.0
     assert settings["inference"]["short_side"] == 96
     assert settings["protocol"] == "test-protocol" and "zegkit_version" in settings
+
+
+def test_cliper_protocols_hold_cliper_settings_only(backbone):
+    from zegkit.data.protocols import PROTOCOLS, get_protocol
+
+    voc = get_protocol("cliper-voc21")
+    assert (voc.mode, voc.short_side, voc.background_threshold) == ("whole", 336, 0.6)
+    cliper = load_segmenter("cliper", backbone=backbone, protocol=voc, compensation=False)
+    config = cliper.method.config
+    assert (config.logit_scale, config.propagate_threshold, config.diffusion_threshold) == (
+        100.0, 0.1, 0.1
+    )
+    assert load_segmenter("sclip", backbone=backbone, protocol=voc).method.config.logit_scale == 40
+    assert get_protocol("cliper-cityscapes19").short_side == 560
+    assert sum(name.startswith("cliper-") for name in PROTOCOLS) == 8

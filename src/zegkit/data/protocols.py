@@ -36,6 +36,14 @@ Sources:
   cloth, cow, keyboard, plate -- not ZS3Net's ten. (Those indices, plus one, are ZS3Net's classes
   in ZS3Net's own VOC-first class order, so the list looks carried over without re-indexing.)
   Published Cascade-CLIP Context numbers were computed on this split; both are provided.
+- ``cliper-*``: CLIPer (arXiv 2411.13836), linsun449/cliper.code @ 85fbe81
+  ``scripts/config/vit-b-16/*.yaml`` (the ViT-B/16 configs): whole image at short side 336
+  (Cityscapes 560), and CLIPer's own ``logit_scale``, ``attention_thr`` (which sets both its
+  propagation and its diffusion threshold) and ``select_layer``; ``bkg_thre`` as the background
+  threshold on the datasets with a background class. Not reproduced: the configs' 15 "car"
+  templates, the background "stuff" words added as extra softmax rows, the per-class score
+  rescaling and ``score_threshold`` of its decision rule (``util/miou.py::cam_to_label``), and
+  the sliding-window mix of some configs; so numbers can differ from CLIPer's table.
 - ``zegkit-synthetic``: zegkit's synthetic proving ground; seen/unseen come from the dataset's
   split.json.
 """
@@ -143,6 +151,32 @@ def _sclip(dataset: str, short_side: int, logit_scale: float | None = None,
     )
 
 
+CLIPER_SHORT_SIDE = 336  # `size` of the ViT-B/16 configs (Cityscapes: 560)
+
+
+def _cliper(dataset: str, logit_scale: float, threshold: float,
+            background_threshold: float | None = None, short_side: int = CLIPER_SHORT_SIDE,
+            config: str = "") -> Protocol:
+    """A protocol of CLIPer's ViT-B/16 configs (whole image; its own method settings)."""
+    settings = {
+        "logit_scale": logit_scale,
+        "propagate_threshold": threshold,
+        "diffusion_threshold": threshold,
+        "propagate_layer": -1,  # select_layer of every ViT-B/16 config
+    }
+    return Protocol(
+        name=f"cliper-{dataset}",
+        dataset=dataset,
+        short_side=short_side,
+        crop=SCLIP_CROP,
+        stride=SCLIP_STRIDE,
+        mode="whole",
+        background_threshold=background_threshold,
+        method_settings={"cliper": settings},
+        source=f"CLIPer arXiv 2411.13836, linsun449/cliper.code scripts/config/vit-b-16/{config}",
+    )
+
+
 def _zero_shot(name: str, dataset: str, unseen: Sequence[str], source: str) -> Protocol:
     return Protocol(
         name=name,
@@ -193,6 +227,14 @@ _PROTOCOL_LIST = (
         "cascadeclip-context-49-10", "context59", CASCADECLIP_CONTEXT_UNSEEN_10,
         "Cascade-CLIP arXiv 2406.00670, configs/context_59/vpt_seg_zero_vit-b_512x512_40k_12_10.py",
     ),
+    _cliper("voc21", 100.0, 0.1, 0.6, config="voc21"),
+    _cliper("voc20", 100.0, 0.1, config="voc20"),
+    _cliper("context60", 100.0, 0.2, 0.45, config="context"),
+    _cliper("context59", 100.0, 0.2, config="context59"),
+    _cliper("coco_object", 50.0, 0.2, 0.3, config="object"),
+    _cliper("coco_stuff171", 50.0, 0.2, config="stuff164"),
+    _cliper("ade150", 100.0, 0.2, config="ade150"),
+    _cliper("cityscapes19", 100.0, 0.35, short_side=560, config="city"),
     Protocol(
         name="zegkit-synthetic",
         dataset="synthetic",
