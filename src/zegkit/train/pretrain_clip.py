@@ -330,6 +330,22 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, cfg: PretrainConfig
             json.loads(state.get("curve", "[]")))
 
 
+def checked_config(**settings: object) -> PretrainConfig:
+    """A validated PretrainConfig from keyword settings.
+
+    Raises:
+        ValueError: a setting that is not a PretrainConfig field (the fields are listed), or an
+            invalid value.
+    """
+    valid = sorted(f.name for f in dataclasses.fields(PretrainConfig))
+    unknown = sorted(set(settings) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown setting(s) {unknown}; the settings are {valid}.")
+    cfg = PretrainConfig(**settings)
+    cfg.validate()
+    return cfg
+
+
 # --- evaluation ---------------------------------------------------------------------------------
 @torch.no_grad()
 def class_text_embeddings(model: CLIPModel, tokenizer, classes: Sequence[str],
@@ -524,14 +540,7 @@ def supervised_probe(out_dir: str | os.PathLike | None = None, *, steps: int = 1
     Returns:
         dict with `presence_report`'s keys, `steps`, `seconds`, `losses`, `size` and `config`.
     """
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(PretrainConfig)}
-    if unknown:
-        raise ValueError(
-            f"Unknown setting(s) {sorted(unknown)}; the settings are "
-            f"{sorted(f.name for f in dataclasses.fields(PretrainConfig))}."
-        )
-    cfg = PretrainConfig(steps=steps, batch_size=batch_size, seed=seed, **overrides)
-    cfg.validate()
+    cfg = checked_config(steps=steps, batch_size=batch_size, seed=seed, **overrides)
     torch.manual_seed(cfg.seed)
     vision_config = model_config(cfg, MIN_VOCAB + 1).vision_config
     tower = CLIPVisionModel(vision_config)
@@ -629,14 +638,7 @@ def pretrain_clip(out_dir: str | os.PathLike, *, steps: int = 600, batch_size: i
         dict with the final `step`, `loss` (mean of the last 10 steps), `losses`, `seconds` and,
         when evaluated, the `evaluate` metrics.
     """
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(PretrainConfig)}
-    if unknown:
-        raise ValueError(
-            f"Unknown setting(s) {sorted(unknown)}; the settings are "
-            f"{sorted(f.name for f in dataclasses.fields(PretrainConfig))}."
-        )
-    cfg = PretrainConfig(steps=steps, batch_size=batch_size, seed=seed, **overrides)
-    cfg.validate()
+    cfg = checked_config(steps=steps, batch_size=batch_size, seed=seed, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT
