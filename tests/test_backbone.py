@@ -173,3 +173,17 @@ def test_position_cache_follows_the_weights(tiny_tokenizer):
         backbone.vision.embeddings.position_embedding.weight.mul_(2)
     after = backbone.position_embedding((3, 5))
     assert torch.allclose(after, 2 * before, atol=1e-5)
+
+
+def test_position_rounding_rounds_the_resized_positions_only(tiny_tokenizer):
+    backbone = _backbone(16, tiny_tokenizer)
+    pixels = torch.randn(1, 3, 48, 80)
+    vision = backbone.vision
+    patches = vision.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
+    tokens = torch.cat([vision.embeddings.class_embedding.expand(1, 1, -1), patches], dim=1)
+    positions = backbone.position_embedding((3, 5))
+    expected = vision.pre_layrnorm(tokens + positions.half().float())
+    rounded = backbone.embed(pixels, position_rounding=torch.float16)
+    assert (rounded - expected).abs().max() <= TOL
+    assert (rounded - backbone.embed(pixels)).abs().max() > 0
+    assert torch.equal(backbone.position_embedding((3, 5)), positions)  # the table is untouched

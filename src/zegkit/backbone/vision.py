@@ -233,14 +233,21 @@ class ClipBackbone(nn.Module):
             self._position_cache[key] = torch.cat([prefix, patches])[None]
         return self._position_cache[key]
 
-    def embed(self, pixels: Tensor) -> Tensor:
-        """Input tokens (B, 1 + h*w, C): patch embedding, [CLS], positions, pre-layernorm."""
+    def embed(self, pixels: Tensor, position_rounding: torch.dtype | None = None) -> Tensor:
+        """Input tokens (B, 1 + h*w, C): patch embedding, [CLS], positions, pre-layernorm.
+
+        `position_rounding` rounds the (resized) position embeddings through that dtype first,
+        as code that keeps them in float16 does (CLIPer's released `upsample_pos_emb`).
+        """
         embeddings = self.vision.embeddings
         patches = embeddings.patch_embedding(pixels.to(embeddings.patch_embedding.weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)  # (B, h*w, C)
         cls = embeddings.class_embedding.expand(pixels.shape[0], 1, -1)
         tokens = torch.cat([cls.to(patches.dtype), patches], dim=1)
-        return self.vision.pre_layrnorm(tokens + self.position_embedding(self.grid_size(pixels)))
+        positions = self.position_embedding(self.grid_size(pixels))
+        if position_rounding is not None:
+            positions = positions.to(position_rounding).to(positions.dtype)
+        return self.vision.pre_layrnorm(tokens + positions)
 
     # ---- blocks ----------------------------------------------------------------------------
     def qkv(self, index: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -322,6 +329,7 @@ class ClipBackbone(nn.Module):
         surgery: Mapping[int, BlockSurgery] | None = None,
         inject: TokenInjection | None = None,
         return_attention: Sequence[int] = (),
+        position_rounding: torch.dtype | None = None,
     ) -> Intermediates:
         """Run the vision tower layer by layer, with surgery, injected tokens and taps.
 
@@ -338,6 +346,7 @@ class ClipBackbone(nn.Module):
             surgery: layer index -> BlockSurgery; other layers run unchanged.
             inject: tokens to replace or insert at given layers (see TokenInjection).
             return_attention: layers whose attention weights (B, heads, T, T) to return.
+            position_rounding: see `embed`.
 
         Returns:
             Intermediates; `hidden` is the output of the last layer run.
@@ -359,7 +368,7 @@ class ClipBackbone(nn.Module):
             edited = [*surgery, *cls, *prompts, *suffix]
             last = max([*taps, *attention_layers, *edited], default=last)
         grid = self.grid_size(pixels)
-        x = self.embed(pixels)
+        x = self.embed(pixels, position_rounding)
         result = Intermediates(hidden=x, grid=grid)
         inject.num_prompts()  # one length for every layer's prompts, or a clear error now
         for index in range(last + 1):

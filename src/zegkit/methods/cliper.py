@@ -38,9 +38,8 @@ Two readings, one setting `variant`:
      j receives Σ_i S_sel[i] Ā[i, j] = (Āᵀ S_sel)[j] (@85fbe81; @0bfad0d used `attn @ seg`).
   4. The threshold is applied to the selected map in place (`seg_last[...] = 0` on a view of
      `seg`) before `seg.mean(0)`, so the mean holds the thresholded map.
-  5. Position embeddings rounded through float16 (`upsample_pos_emb` returns `emb.half()`).
-     NOT reproduced yet: it needs a backbone option to round the position table for one forward
-     (requested); both variants use the backbone's float32 positions.
+  5. Position embeddings rounded through float16 (`upsample_pos_emb` returns `emb.half()`):
+     the backbone's `position_rounding` option, for this forward only.
   The code also resizes position embeddings bilinearly (zegkit's backbone: bicubic, as
   `transformers`), a difference left with the backbone.
 
@@ -194,7 +193,8 @@ class CLIPer(Method):
             )
         early = list(range(layers - 1))
         out = backbone.forward_intermediates(
-            pixels, indices=early[:-1], stop_early=True, return_attention=early
+            pixels, indices=early[:-1], stop_early=True, return_attention=early,
+            position_rounding=self._position_rounding(),
         )
         mean = sum(out.attention[i] for i in early) / len(early)  # (B, heads, T, T)
         inputs = self._early_inputs(backbone, pixels, out)  # (N, B, T, C)
@@ -207,6 +207,10 @@ class CLIPer(Method):
         )  # (N, B, T, C)
         features = F.normalize(backbone.project(tokens[..., 1:, :]), dim=-1)
         return features, attentions[-1]
+
+    def _position_rounding(self) -> torch.dtype | None:
+        """float16 for the released variant (its position embeddings are half precision)."""
+        return torch.float16 if self.config.variant == "released" else None
 
     def _pass_attentions(self, mean: Tensor, passes: int) -> list[Tensor]:
         """The attention (B, heads, T, T) each of the `passes` runs of the last layer uses."""
@@ -223,7 +227,7 @@ class CLIPer(Method):
     def _early_inputs(self, backbone: ClipBackbone, pixels: Tensor, out) -> Tensor:
         """The N inputs (N, B, T, C) of the last layer: F⁰..F^{N-2} ([CLS] first) — each through
         its own layer's layer_norm1 in the released variant — and F^{N-1} as it is."""
-        embeddings = [backbone.embed(pixels)]
+        embeddings = [backbone.embed(pixels, self._position_rounding())]
         for prefix, tokens in zip(out.intermediate_prefix, out.intermediates, strict=True):
             embeddings.append(torch.cat([prefix[:, None], tokens], dim=1))
         if self.config.variant == "released":
