@@ -13,9 +13,7 @@ from zegkit.data.coco_object import (
     COCO_THING_IDS,
     convert_coco_object,
     labels_from_coco_stuff,
-    polygons_to_mask,
-    rle_decode,
-    rle_string_to_counts,
+    segmentation_to_mask,
 )
 from zegkit.data.datasets import DATASETS, list_datasets, load_dataset
 from zegkit.data.protocols import DEFAULT_PROTOCOLS, PROTOCOLS, get_protocol
@@ -238,49 +236,32 @@ def test_mask_size_and_mode_are_checked(voc_root):
 
 
 # ---- COCO-Object ------------------------------------------------------------------------------
-def _rle_encode(counts):
-    """pycocotools' rleToString, the inverse of rle_string_to_counts (for the round trip)."""
-    chars = []
-    for i, value in enumerate(counts):
-        value = value - counts[i - 2] if i > 2 else value
-        more = True
-        while more:
-            group, value = value & 0x1F, value >> 5
-            more = value != -1 if group & 0x10 else value != 0
-            chars.append(chr(group + (0x20 if more else 0) + 48))
-    return "".join(chars)
-
-
-def test_rle_decode_is_column_major():
+def test_uncompressed_rle_is_column_major():
     # 2 x 3 mask, column-major runs: 1 zero, 2 ones, 3 zeros -> pixels (1,0) and (0,1) set
     expected = np.array([[0, 1, 0], [1, 0, 0]], dtype=bool)
-    assert np.array_equal(rle_decode([1, 2, 3], 2, 3), expected)
+    rle = {"counts": [1, 2, 3], "size": [2, 3]}
+    assert np.array_equal(segmentation_to_mask(rle, 2, 3), expected)
     with pytest.raises(ValueError, match="add up"):
-        rle_decode([1, 2], 2, 3)
+        segmentation_to_mask({"counts": [1, 2], "size": [2, 3]}, 2, 3)
+    with pytest.raises(ValueError, match="differs from the image size"):
+        segmentation_to_mask(rle, 3, 2)
 
 
-def _runs(mask):
-    """Column-major run lengths of a bool mask, starting with a (possibly empty) run of 0s."""
-    runs, current, length = [], False, 0
-    for value in mask.T.reshape(-1):
-        if value == current:
-            length += 1
-        else:
-            runs.append(length)
-            current, length = value, 1
-    return [*runs, length]
+def test_compressed_rle_from_the_coco_api_decodes_back():
+    from pycocotools import mask as coco_mask
 
-
-def test_compressed_rle_round_trip():
-    counts = [0, 5, 3, 40, 1000, 2, 31, 32, 17, 16]
-    assert rle_string_to_counts(_rle_encode(counts)) == counts
     mask = np.random.default_rng(0).random((7, 5)) > 0.5
-    assert np.array_equal(rle_decode(_rle_encode(_runs(mask)), 7, 5), mask)
+    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    as_json = {"counts": encoded["counts"].decode(), "size": encoded["size"]}  # JSON holds str
+    assert np.array_equal(segmentation_to_mask(as_json, 7, 5), mask)
 
 
-def test_polygon_fill():
-    mask = polygons_to_mask([[1, 1, 4, 1, 4, 3, 1, 3]], 5, 6)
-    assert mask[1:4, 1:5].all() and mask.sum() == 12
+def test_polygon_fill_and_bad_formats():
+    mask = segmentation_to_mask([[1, 1, 4, 1, 4, 3, 1, 3]], 5, 6)
+    assert mask[1:3, 1:4].all() and mask.sum() == 6  # COCO's rasterisation: [1, 4) x [1, 3)
+    assert not segmentation_to_mask([[1, 1, 2, 2]], 5, 6).any()  # < 3 points: nothing
+    with pytest.raises(ValueError, match="Unknown COCO segmentation format"):
+        segmentation_to_mask("polygon", 5, 6)
 
 
 def test_convert_coco_object_and_read_it(tmp_path):

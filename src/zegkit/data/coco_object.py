@@ -1,4 +1,4 @@
-"""COCO-Object label maps from COCO instance annotations, without pycocotools.
+"""COCO-Object label maps from COCO instance annotations.
 
 COCO-Object (GroupViT, arXiv 2202.11094; TCL; SCLIP ``cfg_coco_object.py``) evaluates the 80 COCO
 thing classes plus background on val2017. Its label PNGs (``<id>_instanceTrainIds.png``) hold
@@ -10,11 +10,9 @@ thing classes plus background on val2017. Its label PNGs (``<id>_instanceTrainId
 - instances are painted largest first (by their ``area``), so a small object lying on a large one
   stays visible; crowd regions (``iscrowd: 1``) are painted with their class like any instance,
   as COCO-Stuff's pixel maps do;
-- polygons are filled with PIL's ``ImageDraw.polygon`` (outline included); pycocotools rasterises
-  with its own sub-pixel rule, so single boundary pixels can differ from maps made with it;
-- run-length encodings are decoded here: uncompressed (``counts`` a list, as in the instance
-  JSON's crowd annotations) and compressed (``counts`` a string, pycocotools' ``rleToString``
-  format), both column-major as COCO stores them.
+- polygons and run-length encodings (uncompressed ``counts`` lists, as the instance JSON's crowd
+  annotations hold, and compressed strings) are rasterised / decoded by pycocotools, COCO's own
+  reference implementation, so the maps match those made with the COCO API pixel for pixel.
 
 GroupViT's own converter (``convert_dataset/convert_coco_object.py``) derives the same classes
 from COCO-Stuff's pixel maps instead; use `labels_from_coco_stuff` if you have those.
@@ -24,11 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from pycocotools import mask as coco_mask
 
 from zegkit.data.base import IGNORE_INDEX
 from zegkit.io import save_png_atomic
@@ -43,101 +42,39 @@ BACKGROUND = 0
 LABEL_SUFFIX = "_instanceTrainIds.png"
 # COCO-Stuff 164k train ids 0..79 are the things (same order), 80..170 the stuff classes.
 COCO_STUFF_NUM_THINGS = 80
-# pycocotools' compressed RLE: 5 payload bits per character, offset by ASCII '0'.
-RLE_CHAR_OFFSET = 48
-RLE_PAYLOAD_BITS = 5
-RLE_MORE_BIT = 0x20
-RLE_SIGN_BIT = 0x10
-
-
-def rle_string_to_counts(text: str | bytes) -> list[int]:
-    """Decode pycocotools' compressed RLE string into run lengths.
-
-    Each count is written in 5-bit groups (low bits first) as characters from '0'; bit 0x20 says
-    another group follows, bit 0x10 of the last group is the sign. From the third count on, the
-    stored value is the difference to the count two places before.
-
-    Raises:
-        ValueError: the string ends inside a count or decodes to a negative run length.
-    """
-    if isinstance(text, bytes):
-        text = text.decode("ascii")
-    counts: list[int] = []
-    position = 0
-    while position < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(text):
-                raise ValueError("Compressed RLE string ends in the middle of a count.")
-            group = ord(text[position]) - RLE_CHAR_OFFSET
-            value |= (group & 0x1F) << shift
-            more = bool(group & RLE_MORE_BIT)
-            position += 1
-            shift += RLE_PAYLOAD_BITS
-            if not more and group & RLE_SIGN_BIT:
-                value |= -1 << shift
-        if len(counts) > 2:
-            value += counts[-2]
-        if value < 0:
-            raise ValueError(f"Compressed RLE string decodes to a negative run length ({value}).")
-        counts.append(value)
-    return counts
-
-
-def rle_decode(counts: Sequence[int] | str | bytes, height: int, width: int) -> np.ndarray:
-    """Decode a COCO run-length encoding to a bool mask (H, W).
-
-    Args:
-        counts: alternating run lengths of 0s and 1s (starting with 0s) over the column-major
-            pixels, or the compressed string form.
-        height, width: the mask size (the RLE's "size" is [height, width]).
-
-    Raises:
-        ValueError: the runs do not add up to height * width.
-    """
-    if isinstance(counts, (str, bytes)):
-        counts = rle_string_to_counts(counts)
-    runs = np.asarray(counts, dtype=np.int64)
-    if runs.sum() != height * width:
-        raise ValueError(
-            f"RLE runs add up to {int(runs.sum())} pixels but the mask is {height}x{width} "
-            f"= {height * width}."
-        )
-    values = np.zeros(len(runs), dtype=bool)
-    values[1::2] = True
-    flat = np.repeat(values, runs)
-    return flat.reshape(width, height).T  # column-major -> (H, W)
-
-
-def polygons_to_mask(polygons: Iterable[Sequence[float]], height: int, width: int) -> np.ndarray:
-    """Fill COCO polygons ([x0, y0, x1, y1, ...] each) into a bool mask (H, W)."""
-    canvas = Image.new("1", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
-    for polygon in polygons:
-        if len(polygon) >= 6 and len(polygon) % 2 == 0:  # >= 3 (x, y) points
-            xs, ys = polygon[0::2], polygon[1::2]
-            points = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True)]
-            draw.polygon(points, fill=1, outline=1)
-    return np.asarray(canvas, dtype=bool)
-
 
 def segmentation_to_mask(segmentation: object, height: int, width: int) -> np.ndarray:
     """A COCO annotation's "segmentation" (polygons or RLE) as a bool mask (H, W).
 
     Raises:
-        ValueError: an RLE whose size differs from the image's, or an unknown format.
+        ValueError: an RLE whose size differs from the image's or whose runs do not cover it,
+            or an unknown format.
     """
     if isinstance(segmentation, list):
-        return polygons_to_mask(segmentation, height, width)
-    if isinstance(segmentation, dict) and "counts" in segmentation:
-        size = segmentation.get("size", [height, width])
-        if list(size) != [height, width]:
+        polygons = [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]  # >= 3 points
+        if not polygons:
+            return np.zeros((height, width), dtype=bool)
+        rle = coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        size = list(segmentation.get("size", [height, width]))
+        if size != [height, width]:
             raise ValueError(f"RLE size {size} differs from the image size {[height, width]}.")
-        return rle_decode(segmentation["counts"], height, width)
-    raise ValueError(
-        f"Unknown COCO segmentation format {type(segmentation).__name__}; expected a list of "
-        f"polygons or an RLE dict with 'counts' and 'size'."
-    )
+        counts = segmentation["counts"]
+        if isinstance(counts, list):
+            if sum(counts) != height * width:
+                raise ValueError(
+                    f"RLE runs add up to {sum(counts)} pixels but the mask is {height}x{width} "
+                    f"= {height * width}."
+                )
+            rle = coco_mask.frPyObjects({"counts": counts, "size": size}, height, width)
+        else:
+            rle = {"counts": counts.encode() if isinstance(counts, str) else counts, "size": size}
+    else:
+        raise ValueError(
+            f"Unknown COCO segmentation format {type(segmentation).__name__}; expected a list of "
+            f"polygons or an RLE dict with 'counts' and 'size'."
+        )
+    return coco_mask.decode(rle).astype(bool)
 
 
 def instance_label_map(annotations: Sequence[dict], height: int, width: int) -> np.ndarray:
