@@ -26,7 +26,7 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -395,3 +395,15 @@ def save_json_atomic(obj: Any, path: str | os.PathLike, *, indent: int | None = 
         ) from error
     with atomic_write(path, "w") as handle:
         handle.write(text + "\n")
+
+
+def jsonable(value: object) -> object:
+    """Settings as plain JSON values: mappings with string keys, tuples as lists, other objects
+    (paths, dtypes) as their strings, so a record compares equal after a save and a load."""
+    if isinstance(value, Mapping):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

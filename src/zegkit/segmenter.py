@@ -30,7 +30,14 @@ from zegkit.inference import (
     sliding_scores,
     whole_scores,
 )
-from zegkit.io import ImageSource, load_image, save_json_atomic, save_png_atomic, to_tensor
+from zegkit.io import (
+    ImageSource,
+    jsonable,
+    load_image,
+    save_json_atomic,
+    save_png_atomic,
+    to_tensor,
+)
 from zegkit.methods import Method, create_method, method_name
 from zegkit.scores import DenseScores, class_probabilities
 from zegkit.text import TextEmbeddings, encode_vocabulary
@@ -137,7 +144,7 @@ class Segmenter:
         templates = self.templates
         return {
             "method": method_name(self.method),
-            "method_config": _jsonable(asdict(self.method.config)),
+            "method_config": jsonable(asdict(self.method.config)),
             "inference": asdict(self.config),
             "model": self.backbone.name,
             "templates": templates if isinstance(templates, str) else list(templates),
@@ -225,17 +232,6 @@ class Segmenter:
         )
 
     __call__ = segment
-
-
-def _jsonable(value: object) -> object:
-    """Tuples as lists, paths as strings: a config as JSON writes it."""
-    if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
 
 
 def resolve_settings(

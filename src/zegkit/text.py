@@ -455,14 +455,9 @@ def default_cache_dir() -> Path:
 
 
 def _weights_fingerprint(backbone: TextEncoder) -> str:
-    """A short hash of the text projection weights, so two models saved under one name differ."""
-    model = getattr(backbone, "model", None)
-    projection = getattr(model, "text_projection", None)
-    weight = getattr(projection, "weight", projection)
-    if not isinstance(weight, Tensor):
-        return ""
-    data = weight.detach().float().cpu().contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
+    """The backbone's weight fingerprint (`ClipBackbone.fingerprint`), so two models saved under
+    one name get different cache entries; "" for encoders that have none."""
+    return getattr(backbone, "fingerprint", "")
 
 
 def _cache_key(identity: dict) -> str:

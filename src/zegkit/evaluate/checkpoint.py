@@ -20,7 +20,7 @@ from torch import Tensor
 from zegkit.data.base import SegmentationDataset
 from zegkit.evaluate.bootstrap import ImageStats
 from zegkit.evaluate.metrics import intersection_and_union
-from zegkit.io import atomic_write
+from zegkit.io import atomic_write, jsonable
 
 CHECKPOINT_FORMAT = 2  # bump when the checkpoint contents change meaning
 # Settings that may differ between a run and its resumption (not part of the fingerprint).
@@ -77,19 +77,8 @@ def fingerprint_of(dataset: SegmentationDataset, settings: Mapping, rank: int, w
         "class_names": list(dataset.class_names),
         "rank": rank,
         "world_size": world,
-        "settings": _jsonable(stable),
+        "settings": jsonable(stable),
     }
-
-
-def _jsonable(value: object) -> object:
-    """Settings as plain JSON values (so fingerprints compare equal after a save/load)."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def load_checkpoint(path: Path, fingerprint: dict, num_images: int, num_classes: int) -> Tally:

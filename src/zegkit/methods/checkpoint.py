@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from zegkit.backbone import ClipBackbone
-from zegkit.io import atomic_write
+from zegkit.io import atomic_write, jsonable
 from zegkit.methods import Method, create_method, method_name
 
 CHECKPOINT_FORMAT = "1"  # bump when the header's meaning changes
@@ -27,7 +27,7 @@ HEADER_KEYS = ("zegkit_method_format", "method", "config", "backbone", "backbone
 
 
 def _json_config(method: Method) -> str:
-    return json.dumps(asdict(method.config), sort_keys=True, default=os.fspath)
+    return json.dumps(jsonable(asdict(method.config)), sort_keys=True)
 
 
 def save_method(method: Method, path: str | os.PathLike, backbone: ClipBackbone) -> Path:
