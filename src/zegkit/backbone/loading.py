@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, PretrainedConfig, PreTrainedTokenizerBase
 
+from zegkit.backbone import DEFAULT_MODEL
 from zegkit.backbone.convert import TOKEN_EMBEDDING_KEY, convert_openai_state_dict
 from zegkit.backbone.tokenizer import check_tokenizer
 
@@ -264,7 +265,7 @@ def _load_tokenizer(location: str | os.PathLike, model_name: str,
 def _missing_tokenizer_message(name: str, model_name: str, is_hub_id: bool) -> str:
     """Name the tokenizer files to fetch, the command, and the override."""
     where = f"the hub ({_offline_note()})" if is_hub_id else "that directory"
-    repo = name if is_hub_id else "openai/clip-vit-base-patch16"
+    repo = name if is_hub_id else DEFAULT_MODEL
     return (
         f"Could not load the tokenizer for {model_name!r} from {name!r}: not found in {where}. "
         f'Download it with `hf download {repo} --include "*.json" "*.txt"` (add --local-dir DIR '
