@@ -158,15 +158,26 @@ def check_files_exist(samples: Sequence[Sample], dataset: str) -> None:
             )
 
 
-def _open(path: Path, what: str) -> Image.Image:
+def _open(path: Path, what: str, *, pixels: bool = True) -> Image.Image:
+    """Open an image file; with pixels=False only its header (size, mode) is read."""
     try:
         image = Image.open(path)
-        image.load()
+        if pixels:
+            image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist.") from None
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{what} {path} cannot be read as an image: {error}.") from None
     return image
+
+
+def _check_same_size(sample: Sample, mask_shape: tuple[int, ...], image_hw: tuple[int, int]):
+    """Raise ValueError naming both files when a mask's (H, W) is not its image's."""
+    if tuple(mask_shape) != tuple(image_hw):
+        raise ValueError(
+            f"Mask {sample.mask} is {mask_shape[1]}x{mask_shape[0]} (WxH) but its image "
+            f"{sample.image} is {image_hw[1]}x{image_hw[0]}; masks must have their image's size."
+        )
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -277,12 +288,30 @@ class SegmentationDataset(Dataset):
             mask = torch.full((height, width), self.ignore_index, dtype=torch.int64)
             return image, mask, sample.name
         mask = self.load_mask(sample.mask)
-        if mask.shape != (height, width):
-            raise ValueError(
-                f"Mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
-                f"{sample.image} is {width}x{height}; masks must have their image's size."
-            )
+        _check_same_size(sample, mask.shape, (height, width))
         return image, torch.from_numpy(mask), sample.name
+
+    def read_checked_mask(self, index: int) -> np.ndarray:
+        """The mapped mask (H, W) of item `index`, checked as `__getitem__` checks it, without
+        decoding the image (its size comes from the file header): for checking a whole split
+        before training.
+
+        Raises:
+            FileNotFoundError: the image or mask file is missing.
+            ValueError: the item has no mask, a file cannot be read, the mask has values outside
+                the classes, or its size differs from the image's; the message names the file.
+        """
+        sample = self.samples[index]
+        if sample.mask is None:
+            raise ValueError(
+                f"{self.name}: image {sample.image} has no mask; training and evaluation need "
+                f"a mask for every image."
+            )
+        with _open(sample.image, "Image", pixels=False) as image:
+            width, height = image.size
+        mask = self.load_mask(sample.mask)
+        _check_same_size(sample, mask.shape, (height, width))
+        return mask
 
     def load_mask(self, path: Path) -> np.ndarray:
         """Read a mask file, apply the dataset's label mapping, and check the values.

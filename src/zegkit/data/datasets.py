@@ -13,6 +13,8 @@ Layouts (as produced by MMSegmentation's ``tools/dataset_converters``; see its
 voc21 / voc20             VOCdevkit/VOC2012: JPEGImages/*.jpg, SegmentationClass/*.png,
                           ImageSets/Segmentation/<split>.txt. Labels 0 = background, 1..20,
                           255 = border. voc20 drops background (0 -> ignore, v -> v - 1).
+                          Split train_aug (VOC train + SBD): SegmentationClassAug/*.png with
+                          ImageSets/Segmentation/train_aug.txt, or MMSegmentation's aug.txt.
 context60 / context59     VOCdevkit/VOC2010: JPEGImages/*.jpg, SegmentationClassContext/*.png,
                           ImageSets/SegmentationContext/<split>.txt. Labels 0 = background,
                           1..59. context59 drops background (0 -> ignore, v -> v - 1).
@@ -58,6 +60,9 @@ PathLike = str | os.PathLike
 # Dataset split name -> folder name, for layouts that spell splits differently.
 COCO_SPLIT_FOLDERS = {"val": "val2017", "train": "train2017"}
 ADE_SPLIT_FOLDERS = {"val": "validation", "train": "training"}
+# VOC 2012 train + SBD, the training split of the VOC benchmarks, and its mask folder.
+VOC_TRAIN_AUG = "train_aug"
+AUG_MASKS = "SegmentationClassAug"
 SYNTHETIC_SPLIT_FILE = "split.json"
 CLASSES_FILE = "classes.txt"
 
@@ -89,15 +94,52 @@ def _listed_samples(
     return samples
 
 
+def _voc_train_aug(root: Path, name: str) -> list[Sample]:
+    """VOC train + SBD (10,582 images) in either layout the MMSegmentation world uses.
+
+    1. ``ImageSets/Segmentation/train_aug.txt`` with every mask in ``SegmentationClassAug``
+       (the DeepLab / SBD-release convention).
+    2. MMSegmentation's ``tools/dataset_converters/voc_aug.py`` output, as ZegCLIP's
+       ``voc12_20_aug_512x512.py`` reads it: ``train.txt`` ids with ``SegmentationClass`` masks,
+       then ``aug.txt`` ids (SBD minus VOC train and val) with ``SegmentationClassAug`` masks.
+    """
+    sets = root / "ImageSets" / "Segmentation"
+    if (sets / "train_aug.txt").is_file():
+        require_layout(root, name, ["JPEGImages", AUG_MASKS])
+        ids = read_split_file(sets / "train_aug.txt", name)
+        return _listed_samples(root, ids, "JPEGImages", AUG_MASKS, name)
+    if (sets / "aug.txt").is_file():
+        require_layout(root, name, ["JPEGImages", "SegmentationClass", AUG_MASKS])
+        voc = read_split_file(sets / "train.txt", name)
+        sbd = read_split_file(sets / "aug.txt", name)
+        return _listed_samples(root, voc, "JPEGImages", "SegmentationClass", name) + (
+            _listed_samples(root, sbd, "JPEGImages", AUG_MASKS, name)
+        )
+    raise FileNotFoundError(
+        f"{name}: split train_aug needs {sets / 'train_aug.txt'} (masks in {root / AUG_MASKS}) "
+        f"or MMSegmentation's {sets / 'aug.txt'} beside train.txt; "
+        f"{describe_folder(sets)}. Create them from SBD with MMSegmentation's "
+        f"tools/dataset_converters/voc_aug.py."
+    )
+
+
 def pascal_voc(
     root: PathLike, split: str = "val", *, background: bool = True
 ) -> SegmentationDataset:
-    """Pascal VOC 2012 (root = VOCdevkit/VOC2012): voc21 with background, voc20 without."""
+    """Pascal VOC 2012 (root = VOCdevkit/VOC2012): voc21 with background, voc20 without.
+
+    Split "train_aug" is VOC train + SBD (see `_voc_train_aug`); others are
+    ImageSets/Segmentation/<split>.txt with SegmentationClass masks.
+    """
     root, name = Path(root).expanduser(), "voc21" if background else "voc20"
-    split_file = f"ImageSets/Segmentation/{split}.txt"
-    require_layout(root, name, ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation"])
-    ids = read_split_file(root / split_file, name)
-    samples = _listed_samples(root, ids, "JPEGImages", "SegmentationClass", name)
+    if split == VOC_TRAIN_AUG:
+        require_layout(root, name, ["JPEGImages", "ImageSets/Segmentation"])
+        samples = _voc_train_aug(root, name)
+    else:
+        split_file = f"ImageSets/Segmentation/{split}.txt"
+        require_layout(root, name, ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation"])
+        ids = read_split_file(root / split_file, name)
+        samples = _listed_samples(root, ids, "JPEGImages", "SegmentationClass", name)
     return SegmentationDataset(
         samples, shipped_class_names(name), name=name, root=root, reduce_zero_label=not background
     )
