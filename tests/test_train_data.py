@@ -325,3 +325,4 @@ def test_check_training_set_names_bad_files(voc_aug_root):
     assert "2011_003276.png is 8x7" in message
     with pytest.raises(ValueError, match="1 bad training items"):
         check_training_set(dataset, sample=1)  # only the first image is opened
+    check_training_set(SyntheticTrainingSet(10**6, size=32))  # generated: nothing to open
