@@ -348,6 +348,19 @@ def run_pretrain(args: argparse.Namespace) -> None:
     pretrain_clip.run(args)
 
 
+# ---- serve ----------------------------------------------------------------------------------
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from zegkit import serve
+
+    serve.add_arguments(parser)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from zegkit import serve
+
+    serve.run(args)
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None] | None, Callable]
 COMMANDS: dict[str, Command] = {
     "segment": ("segment images with any class names", add_segment_arguments, run_segment),
@@ -366,6 +379,11 @@ COMMANDS: dict[str, Command] = {
         "train the tiny CLIP of the proving ground on synthetic scenes",
         add_pretrain_arguments,
         run_pretrain,
+    ),
+    "serve": (
+        "a browser page: segment any image with any class names, compare two methods",
+        add_serve_arguments,
+        run_serve,
     ),
 }
 
