@@ -159,3 +159,11 @@ def test_page_helpers(tmp_path):
             _uploaded_path({"path": str(path)}, config)
     with pytest.raises(ValueError, match="No image"):
         _uploaded_path(None, config)
+
+
+def test_missing_weights_give_a_readable_message(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(Exception) as caught:
+        SegmenterPool().get("sclip", str(missing))
+    message = user_message(caught.value)
+    assert "no-such-model" in message and not message.startswith("Unexpected error")
