@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
 
 
 def parse_class_list(text: str) -> list[str]:
@@ -90,8 +90,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, allow_all: bool = Fa
         group.add_argument(flag, type=kind, choices=choices, default=None, help=text)
     group.add_argument(
         "--templates",
-        default="imagenet",
-        help="prompt templates: imagenet, short, single, maskclip (default: imagenet)",
+        default=None,
+        help="prompt templates: imagenet, short, single, maskclip, zegclip-single, zegclip-multi "
+        "(default: the method's own; imagenet for the training-free methods)",
+    )
+    group.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a trained method's weights, the .safetensors file `zegkit train` writes "
+        "(default: none; required by the trained methods)",
     )
     group.add_argument(
         "--set",
@@ -149,6 +157,7 @@ def build_segmenter(args: argparse.Namespace):
         device=args.device,
         tokenizer=args.tokenizer,
         templates=args.templates,
+        checkpoint=args.checkpoint,
         **user_settings(args),
     )
 
@@ -245,16 +254,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="result JSON (default: results/<dataset>_<method>.json)",
     )
     parser.add_argument(
-        "--checkpoint",
+        "--progress-file",
         type=Path,
         default=None,
         help="progress file; rerunning the same command resumes from it (default: none)",
     )
     parser.add_argument(
-        "--checkpoint-every",
+        "--progress-every",
         type=int,
         default=50,
-        help="images between progress checkpoints (default: 50)",
+        help="images between progress-file updates (default: 50)",
     )
     parser.add_argument(
         "--num-workers", type=int, default=2, help="image-decoding worker processes (default: 2)"
@@ -291,8 +300,9 @@ def run_eval(args: argparse.Namespace) -> None:
         protocol=args.protocol,
         split=args.split,
         output=output,
+        progress_file=args.progress_file,
+        progress_every=args.progress_every,
         checkpoint=args.checkpoint,
-        checkpoint_every=args.checkpoint_every,
         num_workers=args.num_workers,
         limit=args.limit,
         bootstrap=args.bootstrap,
@@ -348,6 +358,57 @@ def run_pretrain(args: argparse.Namespace) -> None:
     pretrain_clip.run(args)
 
 
+# ---- train ----------------------------------------------------------------------------------
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from zegkit.train.recipes import RECIPES
+
+    parser.add_argument("--recipe", required=True, choices=sorted(RECIPES),
+                        help="a paper's released training configuration (zegkit.train.recipes)")
+    parser.add_argument("--method", default=None,
+                        help="the method to train; must be the recipe's (a check, default: it)")
+    parser.add_argument("--out", type=Path, required=True, help="the run folder")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="the training dataset's root (default: none, for the generated "
+                        "synthetic proving ground)")
+    parser.add_argument("--model", default=None,
+                        help="the frozen CLIP (default: the recipe's)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--set", dest="recipe_settings", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a recipe field (iterations=100, lr=1e-4) or, for other "
+                        "keys, a method setting (prompt_tokens=5); repeatable (default: none)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after N steps; the schedule stays the recipe's (default: all)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out exactly where its last checkpoint left it")
+    parser.add_argument("--num-workers", type=int, default=2,
+                        help="data-loading worker processes per process (default: 2)")
+    parser.add_argument("--log-every", type=int, default=10,
+                        help="steps between log lines (default: 10)")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from zegkit.train.loop import train
+    from zegkit.train.recipes import get_recipe, with_overrides
+
+    recipe = get_recipe(args.recipe)
+    if args.method is not None and args.method != recipe.method:
+        raise ValueError(f"Recipe {recipe.name!r} trains {recipe.method!r}, not {args.method!r}; "
+                         "pick a recipe of that method.")
+    overrides = parse_settings(args.recipe_settings)
+    if args.model is not None:
+        overrides["model"] = args.model
+    recipe = with_overrides(recipe, overrides)
+    result = train(recipe, args.out, data_root=args.data_root, device=args.device,
+                   max_steps=args.max_steps, resume=args.resume, num_workers=args.num_workers,
+                   log_every=args.log_every)
+    from zegkit.distributed import rank_and_world
+
+    if rank_and_world()[0] == 0:
+        print(f"step {result['step']}, {result['images_per_second']} images/s; "
+              f"checkpoint {args.out / 'last.safetensors'}")
+
+
 # ---- serve ----------------------------------------------------------------------------------
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     from zegkit import serve
@@ -379,6 +440,11 @@ COMMANDS: dict[str, Command] = {
         "train the tiny CLIP of the proving ground on synthetic scenes",
         add_pretrain_arguments,
         run_pretrain,
+    ),
+    "train": (
+        "train a method (ZegCLIP, ...) on a frozen CLIP, one process or torchrun",
+        add_train_arguments,
+        run_train,
     ),
     "serve": (
         "a browser page: segment any image with any class names, compare two methods",

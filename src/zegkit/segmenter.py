@@ -104,7 +104,8 @@ class Segmenter:
         backbone: the frozen CLIP.
         method: how dense scores come out of the backbone (and how they become probabilities).
         config: the inference protocol.
-        templates: prompt templates for vocabularies ("imagenet", "short", "single" or a list).
+        templates: prompt templates for vocabularies ("imagenet", "short", "single" or a list);
+            None: the method's own (`Method.default_templates`).
         protocol: name of the evaluation protocol the settings came from, for the record.
     """
 
@@ -113,13 +114,13 @@ class Segmenter:
         backbone: ClipBackbone,
         method: Method,
         config: InferenceConfig | None = None,
-        templates: str | Sequence[str] = "imagenet",
+        templates: str | Sequence[str] | None = None,
         protocol: str | None = None,
     ) -> None:
         self.backbone = backbone
         self.method = method.to(backbone.device).eval()
         self.config = config or InferenceConfig()
-        self.templates = templates
+        self.templates = method.default_templates() if templates is None else templates
         self.protocol = protocol
         self.refiners = self._build_refiners()
         self.text: TextEmbeddings | None = None
@@ -190,7 +191,7 @@ class Segmenter:
         images = images.to(self.backbone.device, torch.float32)
         height, width = images.shape[-2:]
         size = resized_size(height, width, self.config.short_side)
-        pixels = self.backbone.normalize(resize(images, size))
+        pixels = self.method.normalize(self.backbone, resize(images, size))
         values = resize(self._stitched_scores(pixels, text), (height, width))
         scores = DenseScores(values, self.method.activation(), self.method.rows)
         for refiner in self.refiners:
@@ -258,7 +259,7 @@ def load_segmenter(
     backbone: ClipBackbone | None = None,
     device: str | torch.device = "cpu",
     tokenizer: str | None = None,
-    templates: str | Sequence[str] = "imagenet",
+    templates: str | Sequence[str] | None = None,
     protocol: str | Protocol | None = None,
     checkpoint: str | os.PathLike | None = None,
     **settings: object,
@@ -271,7 +272,7 @@ def load_segmenter(
         backbone: an already loaded CLIP to use instead of loading `model`.
         device: where to run.
         tokenizer: tokenizer source for a bare checkpoint file (see `zegkit.backbone.load_clip`).
-        templates: prompt templates for vocabularies.
+        templates: prompt templates for vocabularies (None: the method's own).
         protocol: an evaluation protocol (name or object) whose inference settings and values
             for this method apply unless `settings` sets them.
         checkpoint: a trained method's file (`zegkit.methods.checkpoint.save_method`); its
@@ -280,7 +281,8 @@ def load_segmenter(
             settings (e.g. logit_scale=50); None values are ignored.
 
     Raises:
-        ValueError: unknown method, protocol or setting, listing the valid ones.
+        ValueError: unknown method, protocol or setting, listing the valid ones; a trained
+            method without `checkpoint`.
         RuntimeError: a checkpoint made for another method or backbone.
     """
     chosen = get_protocol(protocol) if isinstance(protocol, str) else protocol
@@ -290,6 +292,12 @@ def load_segmenter(
     if checkpoint is None:
         built = create_method(method, **method_settings)
         built.build(backbone)
+        if built.trainable:
+            raise ValueError(
+                f"Method {method!r} is trained: pass its weights with checkpoint= (CLI: "
+                f"--checkpoint runs/<name>/last.safetensors), written by `zegkit train --method "
+                f"{method} ...`."
+            )
     else:
         from zegkit.methods.checkpoint import load_method
 

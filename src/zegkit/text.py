@@ -155,11 +155,33 @@ SCENE_TEMPLATES: tuple[str, ...] = (
     "this is one {} in the scene.",
 )
 
+# ZegCLIP's text embeddings (ZiqinZhou66/ZegCLIP configs/_base_/datasets/text_embedding/
+# get_embedding.ipynb): VOC's one template has no full stop; COCO averages these 15.
+ZEGCLIP_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "a {} in the scene.",
+    "a photo of a {} in the scene.",
+    "There is a {} in the scene.",
+    "There is the {} in the scene.",
+    "This is a {} in the scene.",
+    "This is the {} in the scene.",
+    "This is one {} in the scene.",
+)
+
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "imagenet": IMAGENET_TEMPLATES,
     "short": SHORT_TEMPLATES,
     "single": ("a photo of a {}.",),
     "maskclip": IMAGENET_TEMPLATES + SCENE_TEMPLATES,
+    "zegclip-single": ("a photo of a {}",),
+    "zegclip-multi": ZEGCLIP_TEMPLATES,
 }
 
 SYNONYM_REDUCTIONS = ("max", "mean")

@@ -26,6 +26,16 @@ from zegkit.backbone.attention import VANILLA, BlockSurgery, Grid
 # preprocessor_config.json says otherwise).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# ImageNet's, which the ZegCLIP family's released code normalises CLIP's input with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_pixels(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """(images - mean) / std per channel, for images (B, 3, H, W) with values in [0, 1]."""
+    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype)
+    std_t = torch.tensor(std, device=images.device, dtype=images.dtype)
+    return (images - mean_t[:, None, None]) / std_t[:, None, None]
 
 
 @dataclass
@@ -208,9 +218,7 @@ class ClipBackbone(nn.Module):
 
     def normalize(self, images: Tensor) -> Tensor:
         """Normalise images (B, 3, H, W) with values in [0, 1] as the model was trained."""
-        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype)
-        std = torch.tensor(self.std, device=images.device, dtype=images.dtype)
-        return (images - mean[:, None, None]) / std[:, None, None]
+        return normalize_pixels(images, self.mean, self.std)
 
     def grid_size(self, pixels: Tensor) -> Grid:
         """Patch grid (h, w) of input (B, 3, H, W); pixels past the last full patch are unused."""

@@ -19,7 +19,7 @@ from zegkit.evaluate.checkpoint import rank_checkpoint_path
 from zegkit.evaluate.loop import evaluate
 from zegkit.evaluate.metrics import confusion_matrix, harmonic_mean, metrics
 from zegkit.evaluate.report import format_comparison, format_table, run_record, save_results
-from zegkit.evaluate.runs import evaluate_method, method_checkpoint, run_eval, run_eval_all
+from zegkit.evaluate.runs import evaluate_method, method_progress_file, run_eval, run_eval_all
 
 __all__ = [
     "DistributedContext",
@@ -34,7 +34,7 @@ __all__ = [
     "format_table",
     "harmonic_mean",
     "init_distributed",
-    "method_checkpoint",
+    "method_progress_file",
     "metrics",
     "rank_checkpoint_path",
     "run_eval",

@@ -46,8 +46,8 @@ def evaluate_method(
     *,
     protocol: str | None = None,
     device: str | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int = 50,
+    progress_file: str | os.PathLike | None = None,
+    progress_every: int = 50,
     num_workers: int = 2,
     progress: bool = True,
     limit: int | None = None,
@@ -59,7 +59,7 @@ def evaluate_method(
 
     The protocol (default: the dataset's, see `zegkit.data.protocols.DEFAULT_PROTOCOLS`) sets the
     InferenceConfig fields it defines and the seen/unseen split; `overrides` (InferenceConfig
-    fields or method settings, None values ignored) win over it.
+    fields, method settings or a trained method's `checkpoint`, None values ignored) win over it.
 
     Args:
         dataset: from `zegkit.data.load_dataset`.
@@ -68,9 +68,11 @@ def evaluate_method(
             None: `zegkit.backbone.DEFAULT_MODEL`.
         protocol: a protocol name, or None for the dataset's default.
         device: where to run (default: the distributed context's device, else CPU/CUDA).
-        checkpoint, checkpoint_every, num_workers, progress, limit, bootstrap,
-            bootstrap_seed: as in `evaluate`.
-        **overrides: e.g. logit_scale=50, refine="pamr", precision="bf16".
+        progress_file, progress_every: `evaluate`'s checkpoint and checkpoint_every (a resumable
+            record of the images done so far).
+        num_workers, progress, limit, bootstrap, bootstrap_seed: as in `evaluate`.
+        **overrides: e.g. logit_scale=50, refine="pamr", precision="bf16", templates="single",
+            checkpoint="runs/zc/last.safetensors" (a trained method's weights).
 
     Returns:
         The `evaluate` result; its "settings" record method, model, protocol and the
@@ -78,8 +80,8 @@ def evaluate_method(
     """
     prepared = _prepare(dataset, method, _model_or_default(model), protocol, device, overrides)
     return _evaluate_prepared(
-        prepared, dataset, progress=progress, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, num_workers=num_workers, limit=limit,
+        prepared, dataset, progress=progress, progress_file=progress_file,
+        progress_every=progress_every, num_workers=num_workers, limit=limit,
         bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
     )
 
@@ -117,9 +119,12 @@ def _prepare(
     return _Prepared(segmenter, settings, seen, unseen)
 
 
-def _evaluate_prepared(prepared: _Prepared, dataset: SegmentationDataset, **kwargs) -> dict:
+def _evaluate_prepared(prepared: _Prepared, dataset: SegmentationDataset, *,
+                       progress_file: str | os.PathLike | None = None, progress_every: int = 50,
+                       **kwargs) -> dict:
     return evaluate(prepared.segmenter, dataset, settings=prepared.settings,
-                    seen=prepared.seen, unseen=prepared.unseen, **kwargs)
+                    seen=prepared.seen, unseen=prepared.unseen, checkpoint=progress_file,
+                    checkpoint_every=progress_every, **kwargs)
 
 
 def run_eval(
@@ -137,7 +142,8 @@ def run_eval(
         data_root: its root folder.
         split: the dataset split.
         output: JSON file for the result (written by rank 0 only, atomically).
-        **kwargs: `evaluate_method` arguments (method, model, protocol, device, checkpoint, ...).
+        **kwargs: `evaluate_method` arguments (method, model, protocol, device, checkpoint,
+            progress_file, ...).
 
     Returns:
         The result (identical on every rank).
@@ -152,11 +158,11 @@ def run_eval(
     return result
 
 
-def method_checkpoint(checkpoint: str | os.PathLike | None, method: str) -> Path | None:
-    """Per-method checkpoint path for `--method all`: run.pt -> run.<method>.pt."""
-    if checkpoint is None:
+def method_progress_file(progress_file: str | os.PathLike | None, method: str) -> Path | None:
+    """Per-method progress file for `--method all`: run.pt -> run.<method>.pt."""
+    if progress_file is None:
         return None
-    path = Path(checkpoint).expanduser()
+    path = Path(progress_file).expanduser()
     return path.with_name(f"{path.stem}.{method}{path.suffix}")
 
 
@@ -167,7 +173,7 @@ def run_eval_all(
     methods: Sequence[str] | None = None,
     split: str = "val",
     output: str | os.PathLike | None = None,
-    checkpoint: str | os.PathLike | None = None,
+    progress_file: str | os.PathLike | None = None,
     **kwargs: object,
 ) -> dict[str, dict]:
     """`zegkit eval --method all`: every method (default: all of zegkit.methods.METHODS).
@@ -180,7 +186,8 @@ def run_eval_all(
         dataset, data_root, split: as in `run_eval`.
         methods: the method names to run, in column order.
         output: one JSON file holding {"results": {method: result}, "settings": ...}.
-        checkpoint: base checkpoint path; each method resumes from its own (`method_checkpoint`).
+        progress_file: base progress-file path; each method resumes from its own
+            (`method_progress_file`).
         **kwargs: `evaluate_method` arguments shared by all methods (model, protocol, ...).
 
     Returns:
@@ -195,7 +202,7 @@ def run_eval_all(
         raise ValueError(f"Unknown methods {unknown}; available: {sorted(METHODS)}.")
     context = init_distributed(kwargs.pop("device", None))
     data = load_dataset(dataset, data_root, split)
-    run_keys = ("progress", "checkpoint_every", "num_workers", "limit", "bootstrap",
+    run_keys = ("progress", "progress_every", "num_workers", "limit", "bootstrap",
                 "bootstrap_seed")
     run_args = {key: kwargs.pop(key) for key in run_keys if key in kwargs}
     model = _model_or_default(kwargs.pop("model", None))
@@ -209,7 +216,7 @@ def run_eval_all(
             results[name] = {"error": f"{type(error).__name__}: {error}"}
             continue
         results[name] = _evaluate_prepared(
-            prepared, data, checkpoint=method_checkpoint(checkpoint, name), **run_args
+            prepared, data, progress_file=method_progress_file(progress_file, name), **run_args
         )
     if output is not None and context.is_main:
         record = run_record({"dataset": dataset, "data_root": str(data_root), "split": split,

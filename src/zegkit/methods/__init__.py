@@ -15,8 +15,9 @@ from zegkit.methods.maskclip import MaskCLIP, MaskCLIPConfig
 from zegkit.methods.naclip import NACLIP, NACLIPConfig
 from zegkit.methods.naive import Naive, NaiveConfig
 from zegkit.methods.sclip import SCLIP, SCLIPConfig
+from zegkit.methods.zegclip import ZegCLIP, ZegCLIPConfig
 
-METHODS: dict[str, tuple[type[MethodConfig], type[Method]]] = {
+METHODS: dict[str, tuple[type, type[Method]]] = {
     "naive": (NaiveConfig, Naive),
     "maskclip": (MaskCLIPConfig, MaskCLIP),
     "sclip": (SCLIPConfig, SCLIP),
@@ -24,6 +25,7 @@ METHODS: dict[str, tuple[type[MethodConfig], type[Method]]] = {
     "naclip": (NACLIPConfig, NACLIP),
     "cliper": (CLIPerConfig, CLIPer),
     "clsclip": (ClsCLIPConfig, ClsCLIP),
+    "zegclip": (ZegCLIPConfig, ZegCLIP),
 }
 
 

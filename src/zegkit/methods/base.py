@@ -93,6 +93,15 @@ class Method(nn.Module):
         """How this method's scores become probabilities: softmax(logit_scale · scores)."""
         return Activation("softmax", self.config.logit_scale)
 
+    def normalize(self, backbone: ClipBackbone, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] normalised as this method feeds them to the backbone
+        (the backbone's own mean/std unless the method was trained with others)."""
+        return backbone.normalize(images)
+
+    def default_templates(self) -> str | tuple[str, ...]:
+        """The prompt templates vocabularies use unless the user names others."""
+        return "imagenet"
+
     def refiners(self) -> tuple[RefinerSpec, ...]:
         """Refiners the method's paper applies as part of the method (none by default); the
         Segmenter runs them before the user's `refine` chain."""

@@ -1,0 +1,48 @@
+"""What this machine computes fast: bf16 is native on recent GPUs and on CPUs with AVX-512 BF16 or
+AMX, and emulated (several times slower than fp32) on AVX2-only CPUs. Detected at run time; never
+assumed, because the machines zegkit runs on differ."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import torch
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether bf16 autocast runs natively (faster than fp32) on `device`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(flag in _cpu_flags() for flag in CPU_BF16_FLAGS)
+    return False
+
+
+def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype:
+    """The compute dtype of a precision setting: "fp32", "bf16", or "auto" (bf16 where native).
+
+    Raises:
+        ValueError: another precision.
+    """
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if precision in ("fp32", "bf16"):
+        return torch.float32 if precision == "fp32" else torch.bfloat16
+    raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}.")
