@@ -169,9 +169,9 @@ _SYNTHETIC = Recipe(
     model="zegkit/tiny-synthetic",
     method_settings={"prompt_tokens": 10, "decoder_heads": 4, "templates": "imagenet",
                      "pixel_normalization": "backbone"},
-    iterations=600, batch_size=16, lr=2e-5, lr_multipliers=dict(ZEGCLIP_MULTIPLIERS),
-    warmup_iterations=50, crop=224, eval_every=200, eval_images=100, checkpoint_every=50,
-    keep_steps=(300,), precision="auto",
+    iterations=300, batch_size=16, lr=2e-5, lr_multipliers=dict(ZEGCLIP_MULTIPLIERS),
+    warmup_iterations=30, crop=224, eval_every=100, eval_images=100, checkpoint_every=50,
+    keep_steps=(150,), precision="auto",
     source="zegkit proving ground; ZegCLIP's optimiser and loss, CPU-sized schedule",
 )
 RECIPES: dict[str, Recipe] = {
@@ -180,7 +180,7 @@ RECIPES: dict[str, Recipe] = {
         _VOC, _COCO, _CONTEXT, _SYNTHETIC,
         self_training(_VOC, "runs/zegclip-voc-15-5/step_10000.safetensors"),
         self_training(_COCO, "runs/zegclip-coco-156-15/step_40000.safetensors"),
-        self_training(_SYNTHETIC, "runs/zegclip-synthetic/step_300.safetensors"),
+        self_training(_SYNTHETIC, "runs/zegclip-synthetic/step_150.safetensors"),
     )
 }
 
