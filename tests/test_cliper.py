@@ -131,6 +131,7 @@ def test_coarse_map_follows_the_formula(backbone, text, variant, layer):
     # the released variant rounds the resized positions through float16; at the native grid the
     # direct computation (which can only round the table before transformers resizes it) agrees
     height = 160 if variant == "paper" else 224
+    torch.manual_seed(0)  # unseeded inputs made the 1e-5 bound flaky (1.1e-5 seen once in CI)
     pixels = torch.randn(2, 3, height, 224)
     method = CLIPer(CLIPerConfig(variant=variant, propagate_layer=layer))
     probabilities = method(backbone, pixels, text)

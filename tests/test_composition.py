@@ -25,12 +25,14 @@ def backbone(tiny_tokenizer):
 def test_pamr_follows_any_method(backbone, name):
     """Segmenter(refine="pamr") equals PAMR applied by hand to the method's stitched scores."""
     method = create_method(name, compensation=False) if name == "cliper" else create_method(name)
+    method.build(backbone)  # trained methods: random init
     config = InferenceConfig(short_side=None, mode="whole", refine="pamr")
     segmenter = Segmenter(backbone, method, config, templates="single")
     text = segmenter.set_vocabulary(CLASSES)
     images = torch.rand(1, 3, 64, 80)
     with torch.no_grad():
-        values = resize(method(backbone, backbone.normalize(images), text).float(), (64, 80))
+        values = resize(method(backbone, method.normalize(backbone, images), text).float(),
+                        (64, 80))
         scores = DenseScores(values, method.activation(), method.rows)
         expected = class_probabilities(PAMR()(images, scores), text)
     assert torch.allclose(segmenter.probabilities(images), expected, atol=1e-5)
