@@ -163,16 +163,18 @@ _COCO = _zegclip("zegclip-coco-156-15", "coco_stuff171", "zegclip-coco-156-15", 
 _CONTEXT = _zegclip("zegclip-context-49-10", "context59", "zs3-context-49-10", 40000, 10,
                     "zegclip-single", "not released; zegkit's choice (module docstring)")
 # The proving ground: the shipped tiny CLIP, 224 crops of 224 scenes, a CPU-sized schedule. The
-# tiny decoder is as wide as the tiny CLIP's joint space (128) with 4 heads.
+# tiny decoder is as wide as the tiny CLIP's joint space (128) with 4 heads. lr is 10x the
+# paper's: at 2e-5 (x10) the decoder was still class-agnostic after 200 steps (mIoU(S) 0.00,
+# every class scored 0.19 everywhere); at 2e-4: mIoU(S) 18.5, mIoU(U) 11.9 at step 200.
 _SYNTHETIC = Recipe(
     name="zegclip-synthetic", method="zegclip", dataset="synthetic", protocol="zegkit-synthetic",
     model="zegkit/tiny-synthetic",
     method_settings={"prompt_tokens": 10, "decoder_heads": 4, "templates": "imagenet",
                      "pixel_normalization": "backbone"},
-    iterations=300, batch_size=16, lr=2e-5, lr_multipliers=dict(ZEGCLIP_MULTIPLIERS),
+    iterations=300, batch_size=16, lr=2e-4, lr_multipliers=dict(ZEGCLIP_MULTIPLIERS),
     warmup_iterations=30, crop=224, eval_every=100, eval_images=100, checkpoint_every=50,
     keep_steps=(150,), precision="auto",
-    source="zegkit proving ground; ZegCLIP's optimiser and loss, CPU-sized schedule",
+    source="zegkit proving ground; ZegCLIP's optimiser and loss, CPU-sized schedule and lr",
 )
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
