@@ -11,6 +11,7 @@ from zegkit.data.base import SegmentationDataset
 from zegkit.distributed import init_distributed
 from zegkit.evaluate.loop import evaluate
 from zegkit.evaluate.report import run_record, save_results
+from zegkit.io import jsonable
 
 # What building a method's segmenter raises when the method cannot run here (run_eval_all).
 BUILD_ERRORS = (FileNotFoundError, ImportError, RuntimeError, ValueError)
@@ -113,7 +114,7 @@ def _prepare(
     settings = {
         **segmenter.settings(),
         "protocol_settings": None if chosen is None else chosen.to_dict(),
-        "overrides": overrides,
+        "overrides": jsonable(overrides),
         "device": str(device),
     }
     return _Prepared(segmenter, settings, seen, unseen)
