@@ -197,24 +197,26 @@ def test_segment_compare_hover_toggle_download(server, page, screenshots):
     assert not outside.ok
 
 
+def _run_expecting_error(page, classes: str, screenshot) -> str:
+    """Enter `classes`, press Segment, wait for the page's error message; returns its text."""
+    page.locator("#zk-classes textarea").fill(classes)
+    page.locator("#zk-run").click()
+    error = page.locator("#zk-status .zk-error")
+    error.wait_for(timeout=SEGMENT_TIMEOUT_MS)
+    page.screenshot(path=str(screenshot), full_page=True)
+    return error.inner_text()
+
+
 def test_non_image_upload_shows_message(page, screenshots, tmp_path):
     fake = tmp_path / "notes.png"
     fake.write_text("this is not an image\n")
     _upload(page, fake)
-    page.locator("#zk-classes textarea").fill("sky, sand")
-    page.locator("#zk-run").click()
-    error = page.locator("#zk-status .zk-error")
-    error.wait_for(timeout=SEGMENT_TIMEOUT_MS)
-    page.screenshot(path=str(screenshots / "5_not_an_image.png"), full_page=True)
-    assert "not a readable image" in error.inner_text()
+    error = _run_expecting_error(page, "sky, sand", screenshots / "5_not_an_image.png")
+    assert "not a readable image" in error
     assert "Traceback" not in page.content()
 
 
 def test_empty_vocabulary_shows_message(page, screenshots):
     _upload(page, EXAMPLES / "scene2.png")
-    page.locator("#zk-classes textarea").fill(" , ")
-    page.locator("#zk-run").click()
-    error = page.locator("#zk-status .zk-error")
-    error.wait_for(timeout=SEGMENT_TIMEOUT_MS)
-    page.screenshot(path=str(screenshots / "6_empty_vocabulary.png"), full_page=True)
-    assert "vocabulary is empty" in error.inner_text()
+    error = _run_expecting_error(page, " , ", screenshots / "6_empty_vocabulary.png")
+    assert "vocabulary is empty" in error

@@ -103,12 +103,12 @@ def parameter_groups(method: Method, recipe: Recipe) -> list[dict[str, Any]]:
     ]
 
 
-def _method_settings(recipe: Recipe, method_name: str, seen_names: list[str]) -> dict[str, Any]:
+def _method_settings(recipe: Recipe, seen_names: list[str]) -> dict[str, Any]:
     """The recipe's method settings, plus the seen classes for methods that record them."""
     from zegkit.methods import METHODS
 
     settings = dict(recipe.method_settings)
-    config_fields = {f.name for f in fields(METHODS[method_name][0])}
+    config_fields = {f.name for f in fields(METHODS[recipe.method][0])}
     if "seen_classes" in config_fields and "seen_classes" not in settings:
         settings["seen_classes"] = tuple(seen_names)
     return settings
@@ -266,7 +266,7 @@ def train(
     check_training_set(dataset)
     seen, unseen = zero_shot_split(dataset, recipe.protocol)
     seen_names = [dataset.class_names[i].split(";")[0].strip() for i in seen]
-    settings = _method_settings(recipe, recipe.method, seen_names)
+    settings = _method_settings(recipe, seen_names)
     if recipe.init_from:
         method = load_method(recipe.init_from, backbone, method=recipe.method, **settings)
     else:
