@@ -13,7 +13,7 @@ from zegkit.data.base import IGNORE_INDEX
 from zegkit.methods import create_method
 from zegkit.methods.base import Batch
 from zegkit.methods.checkpoint import save_method
-from zegkit.methods.zegclip import (
+from zegkit.methods.zegclip_base import (
     CrossAttentionLayer,
     nel_loss,
     seen_penalty_scores,
@@ -142,13 +142,13 @@ def test_loss_sees_only_seen_queries(backbone):
     text = encode_vocabulary(backbone, CLASSES, templates="single", use_cache=False)
     batch = _batch(backbone, method)
     calls = []
-    original = method.mask_logits
+    original = method.decode
 
     def spy(backbone, pixels, rows):
         calls.append(rows.shape[0])
         return original(backbone, pixels, rows)
 
-    method.mask_logits = spy
+    method.decode = spy
     method.loss(backbone, batch, text)
     method.config.self_training = True
     method.loss(backbone, batch, text)
