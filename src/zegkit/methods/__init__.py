@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import fields, replace
 
 from zegkit.methods.base import Method, MethodConfig
+from zegkit.methods.cascade_clip import CascadeCLIP, CascadeCLIPConfig
 from zegkit.methods.clearclip import ClearCLIP, ClearCLIPConfig
+from zegkit.methods.clip_rc import CLIPRC, CLIPRCConfig
 from zegkit.methods.cliper import CLIPer, CLIPerConfig
 from zegkit.methods.clsclip import ClsCLIP, ClsCLIPConfig
 from zegkit.methods.maskclip import MaskCLIP, MaskCLIPConfig
@@ -26,6 +28,8 @@ METHODS: dict[str, tuple[type, type[Method]]] = {
     "cliper": (CLIPerConfig, CLIPer),
     "clsclip": (ClsCLIPConfig, ClsCLIP),
     "zegclip": (ZegCLIPConfig, ZegCLIP),
+    "cascade_clip": (CascadeCLIPConfig, CascadeCLIP),
+    "clip_rc": (CLIPRCConfig, CLIPRC),
 }
 
 

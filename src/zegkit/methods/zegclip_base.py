@@ -127,10 +127,14 @@ class RelationshipDescriptor(nn.Module):
         super().__init__()
         self.proj = nn.Linear(2 * embed_dim, dim)
 
+    def inputs(self, global_embedding: Tensor, text: Tensor) -> Tensor:
+        """The projection's input [g ⊙ t_c ; t_c] (B, K, 2D) from g (B, D) and text (K, D)."""
+        text = text.to(global_embedding.dtype).expand(global_embedding.shape[0], -1, -1)
+        return torch.cat([global_embedding[:, None] * text, text], dim=-1)
+
     def forward(self, global_embedding: Tensor, text: Tensor) -> Tensor:
         """Queries (B, K, dim) from g (B, D) and text rows (K, D)."""
-        text = text.to(global_embedding.dtype).expand(global_embedding.shape[0], -1, -1)
-        return self.proj(torch.cat([global_embedding[:, None] * text, text], dim=-1))
+        return self.proj(self.inputs(global_embedding, text))
 
 
 class MaskAttention(nn.Module):

@@ -5,7 +5,7 @@ settings, evaluation). `zegkit train --recipe NAME --set key=value` overrides it
 keys that are not recipe fields, the method's settings), and the resolved recipe is saved with the
 run, so `--resume` continues the same run and a checkpoint says what produced it.
 
-Sources (see shared/research/zegclip.md):
+Sources (see shared/research/<method>.md):
 
 - ``zegclip-voc-15-5``: ZiqinZhou66/ZegCLIP ``configs/voc12/vpt_seg_zero_vit-b_512x512_20k_12_10
   .py``: 20k iterations, batch 16 (4 GPUs x 4), AdamW lr 2e-5 with multiplier 10 on the prompts
@@ -16,10 +16,20 @@ Sources (see shared/research/zegclip.md):
 - ``zegclip-context-49-10``: not released by ZegCLIP. zegkit's choice: ZS3Net's unseen ten
   (protocol ``zs3-context-49-10``), 40k iterations as Cascade-CLIP's Context config, 512 crops and
   ZegCLIP's VOC settings otherwise.
+- ``cascade-clip-voc-15-5`` / ``-coco-156-15`` / ``-context-49-10``: HVision-NKU/Cascade-CLIP's
+  configs (shared/research/cascade_clip.md §5): ZegCLIP's optimiser and schedule, 20k / 80k / 40k
+  iterations, 10 / 50 / 35 prompt tokens, one template on VOC and 15 otherwise. Its Context
+  config's unseen ten are not ZS3Net's (its protocol ``cascadeclip-context-49-10``; the paper's
+  Context rows were computed on it); ``cascade-clip-zs3-context-49-10`` is the same recipe on
+  ZS3Net's ten, comparable with the other methods' Context rows.
+- ``clip-rc-voc-15-5`` / ``-coco-156-15``: uyzhang/CLIP-RC's configs (clip_rc.md §4, §6): 40k /
+  80k iterations, 10 / 100 prompt tokens, loss weights focal 100 / 200, dice 1 / 3, recovery
+  2 / 50. Batch 16 on both (the COCO GPU count is not stated). ``clip-rc-context-49-10``: not
+  released; zegkit's choice: ZS3Net's ten, 40k iterations and the VOC settings.
 - ``*-st`` (transductive self-training): from the inductive run's half-schedule checkpoint
   (``init_from``), half the schedule again with every class queried, no seen penalty.
-- ``zegclip-synthetic``: zegkit's proving ground (tiny CLIP, 224 crops), sized to run in minutes
-  on a CPU; not a paper recipe.
+- ``<method>-synthetic``: zegkit's proving ground (tiny CLIP, 224 crops), the same CPU-sized
+  budget for every method; not a paper recipe.
 """
 
 from __future__ import annotations
@@ -124,20 +134,29 @@ class Recipe:
 
 
 RECIPE_FIELDS = frozenset(f.name for f in fields(Recipe))
-# The released configs' lr multipliers: 10 for `backbone` (only its prompt parameters train) and
-# `decode_head`, in zegkit's parameter names.
+# The released configs train every prompt and head parameter at lr x10 (`backbone`: only its
+# prompt parameters train; `decode_head`), here in each method's top-level module names.
 ZEGCLIP_MULTIPLIERS = {"prompts": 10.0, "prompt_norm": 10.0, "descriptor": 10.0,
                        "memory_proj": 10.0, "decoder": 10.0}
+CASCADE_MULTIPLIERS = {"prompts": 10.0, "prompt_norm": 10.0, "taps": 10.0, "nga": 10.0,
+                       "descriptors": 10.0, "memory_proj": 10.0, "decoders": 10.0}
+CLIP_RC_MULTIPLIERS = {"prompts": 10.0, "prompt_norm": 10.0, "region_tokens": 10.0,
+                       "query_proj": 10.0, "visual_proj": 10.0, "decoder": 10.0,
+                       "recovery": 10.0}
+MULTIPLIERS = {"zegclip": ZEGCLIP_MULTIPLIERS, "cascade_clip": CASCADE_MULTIPLIERS,
+               "clip_rc": CLIP_RC_MULTIPLIERS}
 ZEGCLIP_REPO = "ZiqinZhou66/ZegCLIP"
+CASCADE_REPO = "HVision-NKU/Cascade-CLIP"
+CLIP_RC_REPO = "uyzhang/CLIP-RC"
 
 
-def _zegclip(name: str, dataset: str, protocol: str, iterations: int, prompt_tokens: int,
-             templates: str, source: str) -> Recipe:
+def _paper(name: str, method: str, dataset: str, protocol: str, iterations: int,
+           settings: dict[str, Any], source: str) -> Recipe:
+    """A released ViT-B/16 zero-shot config: ZegCLIP's optimiser, schedule and 512 crops."""
     return Recipe(
-        name=name, method="zegclip", dataset=dataset, protocol=protocol,
-        model="openai/clip-vit-base-patch16",
-        method_settings={"prompt_tokens": prompt_tokens, "templates": templates},
-        iterations=iterations, lr_multipliers=dict(ZEGCLIP_MULTIPLIERS),
+        name=name, method=method, dataset=dataset, protocol=protocol,
+        model="openai/clip-vit-base-patch16", method_settings=settings,
+        iterations=iterations, lr_multipliers=dict(MULTIPLIERS[method]),
         eval_every=iterations // 10, checkpoint_every=1000, keep_steps=(iterations // 2,),
         source=source,
     )
@@ -155,34 +174,87 @@ def self_training(inductive: Recipe, init_from: str) -> Recipe:
     )
 
 
-_VOC = _zegclip("zegclip-voc-15-5", "voc20", "zegclip-voc-15-5", 20000, 10, "zegclip-single",
-                f"{ZEGCLIP_REPO} configs/voc12/vpt_seg_zero_vit-b_512x512_20k_12_10.py")
-_COCO = _zegclip("zegclip-coco-156-15", "coco_stuff171", "zegclip-coco-156-15", 80000, 100,
-                 "zegclip-multi",
-                 f"{ZEGCLIP_REPO} configs/coco/vpt_seg_zero_vit-b_512x512_80k_12_100_multi.py")
-_CONTEXT = _zegclip("zegclip-context-49-10", "context59", "zs3-context-49-10", 40000, 10,
-                    "zegclip-single", "not released; zegkit's choice (module docstring)")
-# The proving ground: the shipped tiny CLIP, 224 crops of 224 scenes, a CPU-sized schedule. The
-# tiny decoder is as wide as the tiny CLIP's joint space (128) with 4 heads. lr is 10x the
-# paper's: at 2e-5 (x10) the decoder was still class-agnostic after 200 steps (mIoU(S) 0.00,
-# every class scored 0.19 everywhere); at 2e-4: mIoU(S) 18.5, mIoU(U) 11.9 at step 200.
-_SYNTHETIC = Recipe(
-    name="zegclip-synthetic", method="zegclip", dataset="synthetic", protocol="zegkit-synthetic",
-    model="zegkit/tiny-synthetic",
-    method_settings={"prompt_tokens": 10, "decoder_heads": 4, "templates": "imagenet",
-                     "pixel_normalization": "backbone"},
-    iterations=300, batch_size=16, lr=2e-4, lr_multipliers=dict(ZEGCLIP_MULTIPLIERS),
-    warmup_iterations=30, crop=224, eval_every=100, eval_images=100, checkpoint_every=50,
-    keep_steps=(150,), precision="auto",
-    source="zegkit proving ground; ZegCLIP's optimiser and loss, CPU-sized schedule and lr",
+def _synthetic(method: str, settings: dict[str, Any]) -> Recipe:
+    """The proving ground: the shipped tiny CLIP, 224 crops of 224 scenes, a CPU-sized schedule
+    (the same budget for every method). The tiny decoder is as wide as the tiny CLIP's joint
+    space (128) with 4 heads. lr is 10x the papers': at 2e-5 (x10) ZegCLIP's decoder was still
+    class-agnostic after 200 steps (mIoU(S) 0.00, every class scored 0.19 everywhere); at 2e-4:
+    mIoU(S) 18.5, mIoU(U) 11.9 at step 200."""
+    name = f"{method.replace('_', '-')}-synthetic"
+    return Recipe(
+        name=name, method=method, dataset="synthetic", protocol="zegkit-synthetic",
+        model="zegkit/tiny-synthetic",
+        method_settings={"prompt_tokens": 10, "decoder_heads": 4, "templates": "imagenet",
+                         "pixel_normalization": "backbone", **settings},
+        iterations=300, batch_size=16, lr=2e-4, lr_multipliers=dict(MULTIPLIERS[method]),
+        warmup_iterations=30, crop=224, eval_every=100, eval_images=100, checkpoint_every=50,
+        keep_steps=(150,), precision="auto",
+        source=f"zegkit proving ground; {method}'s loss, ZegCLIP's optimiser, CPU-sized "
+               "schedule and lr",
+    )
+
+
+def _zegclip(name: str, dataset: str, protocol: str, iterations: int, prompt_tokens: int,
+             templates: str, config: str) -> Recipe:
+    return _paper(name, "zegclip", dataset, protocol, iterations,
+                  {"prompt_tokens": prompt_tokens, "templates": templates},
+                  f"{ZEGCLIP_REPO} {config}" if config else
+                  "not released; zegkit's choice (module docstring)")
+
+
+def _cascade(name: str, dataset: str, protocol: str, iterations: int, prompt_tokens: int,
+             templates: str, config: str) -> Recipe:
+    return _paper(name, "cascade_clip", dataset, protocol, iterations,
+                  {"prompt_tokens": prompt_tokens, "templates": templates},
+                  f"{CASCADE_REPO} {config}")
+
+
+def _clip_rc(name: str, dataset: str, protocol: str, iterations: int,
+             settings: dict[str, Any], config: str) -> Recipe:
+    return _paper(name, "clip_rc", dataset, protocol, iterations, settings,
+                  f"{CLIP_RC_REPO} {config}" if config else
+                  "not released; zegkit's choice (module docstring)")
+
+
+_INDUCTIVE = (
+    _zegclip("zegclip-voc-15-5", "voc20", "zegclip-voc-15-5", 20000, 10, "zegclip-single",
+             "configs/voc12/vpt_seg_zero_vit-b_512x512_20k_12_10.py"),
+    _zegclip("zegclip-coco-156-15", "coco_stuff171", "zegclip-coco-156-15", 80000, 100,
+             "zegclip-multi", "configs/coco/vpt_seg_zero_vit-b_512x512_80k_12_100_multi.py"),
+    _zegclip("zegclip-context-49-10", "context59", "zs3-context-49-10", 40000, 10,
+             "zegclip-single", ""),
+    _cascade("cascade-clip-voc-15-5", "voc20", "zegclip-voc-15-5", 20000, 10, "zegclip-single",
+             "configs/voc12 (inductive zero-shot, 20k)"),
+    _cascade("cascade-clip-coco-156-15", "coco_stuff171", "zegclip-coco-156-15", 80000, 50,
+             "zegclip-multi", "configs/coco (inductive zero-shot, 80k)"),
+    _cascade("cascade-clip-context-49-10", "context59", "cascadeclip-context-49-10", 40000, 35,
+             "zegclip-multi", "configs/context_59 (inductive zero-shot, 40k; its own unseen ten)"),
+    _cascade("cascade-clip-zs3-context-49-10", "context59", "zs3-context-49-10", 40000, 35,
+             "zegclip-multi",
+             "configs/context_59 (inductive zero-shot, 40k) with ZS3Net's unseen ten"),
+    _clip_rc("clip-rc-voc-15-5", "voc20", "zegclip-voc-15-5", 40000,
+             {"prompt_tokens": 10, "templates": "zegclip-single"},
+             "configs/voc12 (inductive zero-shot, 40k)"),
+    _clip_rc("clip-rc-coco-156-15", "coco_stuff171", "zegclip-coco-156-15", 80000,
+             {"prompt_tokens": 100, "templates": "zegclip-multi", "focal_weight": 200.0,
+              "dice_weight": 3.0, "recovery_weight": 50.0},
+             "configs/coco (inductive zero-shot, 80k)"),
+    _clip_rc("clip-rc-context-49-10", "context59", "zs3-context-49-10", 40000,
+             {"prompt_tokens": 10, "templates": "zegclip-single"}, ""),
+)
+_SYNTHETIC = (
+    _synthetic("zegclip", {}),
+    # The tiny CLIP has 6 blocks: ViT-B/16's stages (blocks 6-8, 9-11 of 12) scaled to half
+    # depth are blocks 3-4 and 5 (1-based), with block 6 as the final stage.
+    _synthetic("cascade_clip", {"stages": [[2, 3], [4]]}),
+    _synthetic("clip_rc", {}),
 )
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
-        _VOC, _COCO, _CONTEXT, _SYNTHETIC,
-        self_training(_VOC, "runs/zegclip-voc-15-5/step_10000.safetensors"),
-        self_training(_COCO, "runs/zegclip-coco-156-15/step_40000.safetensors"),
-        self_training(_SYNTHETIC, "runs/zegclip-synthetic/step_150.safetensors"),
+        *_INDUCTIVE, *_SYNTHETIC,
+        *(self_training(r, f"runs/{r.name}/step_{r.keep_steps[0]}.safetensors")
+          for r in (*_INDUCTIVE, *_SYNTHETIC) if not r.source.startswith("not released")),
     )
 }
 
