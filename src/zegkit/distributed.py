@@ -97,6 +97,26 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return reduced.cpu()
 
 
+def all_gather_cat(tensor: Tensor) -> Tensor:
+    """Every rank's `tensor` concatenated along dim 0 in rank order, identical on every rank.
+
+    In a single process `tensor` itself is returned. The result carries no gradient (use it for
+    values, e.g. the frozen text embeddings of every rank's captions). With nccl the gather runs
+    on this rank's GPU and the result stays on `tensor`'s device.
+
+    Args:
+        tensor: the same shape and dtype on every rank.
+    """
+    world = rank_and_world()[1]
+    if world == 1:
+        return tensor
+    on_gpu = dist.get_backend() == "nccl"
+    local = tensor.detach().to(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts).to(tensor.device)
+
+
 def barrier() -> None:
     """Wait until every rank gets here (e.g. before rank 0 reads what all ranks wrote)."""
     if rank_and_world()[1] > 1:

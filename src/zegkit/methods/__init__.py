@@ -16,6 +16,7 @@ from zegkit.methods.clsclip import ClsCLIP, ClsCLIPConfig
 from zegkit.methods.maskclip import MaskCLIP, MaskCLIPConfig
 from zegkit.methods.naclip import NACLIP, NACLIPConfig
 from zegkit.methods.naive import Naive, NaiveConfig
+from zegkit.methods.pacl import PACL, PACLConfig
 from zegkit.methods.sclip import SCLIP, SCLIPConfig
 from zegkit.methods.zegclip import ZegCLIP, ZegCLIPConfig
 
@@ -28,6 +29,7 @@ METHODS: dict[str, tuple[type, type[Method]]] = {
     "cliper": (CLIPerConfig, CLIPer),
     "clsclip": (ClsCLIPConfig, ClsCLIP),
     "zegclip": (ZegCLIPConfig, ZegCLIP),
+    "pacl": (PACLConfig, PACL),
     "cascade_clip": (CascadeCLIPConfig, CascadeCLIP),
     "clip_rc": (CLIPRCConfig, CLIPRC),
 }

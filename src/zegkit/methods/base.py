@@ -8,8 +8,10 @@ steps, so a method's feature surgery can feed another classifier or decoder: `de
 visual pass depends on the text (e.g. ClsCLIP) override `forward` instead.
 
 Trained methods also create backbone-sized parameters in `build(backbone)`, return their loss on a
-`Batch` from `loss`, and are saved and loaded as one file by `zegkit.methods.checkpoint`; their
-trained tensors are exactly `state_dict()` (the frozen backbone is not part of a method).
+`Batch` (masks) or a `CaptionBatch` (image-caption pairs) from `loss`, and are saved and loaded as
+one file by `zegkit.methods.checkpoint`; their trained tensors are exactly `state_dict()` (the
+frozen backbone is not part of a method). `image_scores` is the method's zero-shot image
+classifier (CLIP's global embedding unless the method has its own).
 """
 
 from __future__ import annotations
@@ -73,6 +75,19 @@ class Batch:
     seen: Tensor | None = None
 
 
+@dataclass
+class CaptionBatch:
+    """A training batch of image-caption pairs (methods trained without masks, e.g. PACL).
+
+    Attributes:
+        pixels: (B, 3, H, W) images normalised for the backbone.
+        captions: B captions, captions[i] describing image i.
+    """
+
+    pixels: Tensor
+    captions: list[str]
+
+
 class Method(nn.Module):
     """A zero-shot segmentation method: normalised crops + text embeddings -> dense scores.
 
@@ -115,6 +130,12 @@ class Method(nn.Module):
         """Scores (B, R, h, w) of crops `pixels` (B, 3, H, W) against the text rows (`rows`)."""
         return cosine_logits(self.dense_features(backbone, pixels), text.classifier)
 
+    def image_scores(self, backbone: ClipBackbone, pixels: Tensor, text_rows: Tensor) -> Tensor:
+        """Zero-shot classification scores (B, K) of whole images against text rows (K, D):
+        CLIP's own, the cosine of the global image embedding with each row."""
+        image = F.normalize(backbone.image_features(pixels), dim=-1)
+        return image @ F.normalize(text_rows.to(image.dtype), dim=-1).T
+
     # ---- training ------------------------------------------------------------------------------
     def build(self, backbone: ClipBackbone) -> None:
         """Create the parameters sized for `backbone` (trained methods); training-free: nothing.
@@ -131,8 +152,11 @@ class Method(nn.Module):
         """The parameters an optimiser should update (the backbone is never among them)."""
         return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
-    def loss(self, backbone: ClipBackbone, batch: Batch, text: TextEmbeddings) -> dict[str, Tensor]:
+    def loss(self, backbone: ClipBackbone, batch: Batch | CaptionBatch,
+             text: TextEmbeddings | None) -> dict[str, Tensor]:
         """Loss terms on a batch; their sum is minimised. Training-free methods have none.
+
+        `text` is the training vocabulary's embeddings (None for caption data without one).
 
         Returns:
             {"loss": total, <term>: value, ...}, scalars.
