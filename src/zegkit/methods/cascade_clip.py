@@ -35,6 +35,25 @@ from zegkit.methods.zegclip_base import PromptedDecoderMethod, RelationshipDescr
 TAP_PROJECTIONS = ("trainable", "frozen")
 # ViT-B/16's stages in the released configs (`out_indices` 5..10, 0-based): blocks 6-8 and 9-11.
 VIT_B_STAGES = ((5, 6, 7), (8, 9, 10))
+VIT_B_LAYERS = 12
+
+
+def scaled_stages(num_layers: int) -> tuple[tuple[int, ...], ...]:
+    """ViT-B/16's released stages mapped onto a CLIP of `num_layers` blocks (the paper defines
+    no others): each stage spans its blocks' relative depths, rounded, without the last block
+    (the final stage) and without blocks an earlier stage took. 12 blocks: the released stages."""
+    last, scale = num_layers - 1, (num_layers - 1) / (VIT_B_LAYERS - 1)
+    stages, taken = [], -1
+    for stage in VIT_B_STAGES:
+        first, deepest = (int(block * scale + 0.5) for block in (stage[0], stage[-1]))
+        blocks = tuple(range(max(first, taken + 1), min(deepest, last - 1) + 1))
+        if blocks:
+            stages.append(blocks)
+            taken = blocks[-1]
+    if not stages:
+        raise ValueError(f"A {num_layers}-block CLIP has no block before its last one for an "
+                         "intermediate stage; Cascade-CLIP needs at least 2 blocks.")
+    return tuple(stages)
 
 
 @dataclass
@@ -43,8 +62,8 @@ class CascadeCLIPConfig(ZegCLIPConfig):
 
     Attributes:
         stages: the intermediate stages as 0-based block indices, shallow to deep; the last block
-            is always the final stage. The default is ViT-B/16's; other depths need their own
-            (the paper defines none).
+            is always the final stage. None (default): ViT-B/16's released stages, scaled to the
+            backbone's depth at build (`scaled_stages`; the paper defines no other depth).
         nga_sigma: σ of the Gaussian that initialises the NGA weights (1).
         tap_projection: "trainable" (zegkit's default, see the module docstring) or "frozen" at
             the random initialisation, as in the released code.
@@ -52,26 +71,31 @@ class CascadeCLIPConfig(ZegCLIPConfig):
             runs (maskclip, sclip, clearclip, naclip); None: CLIP's block, as the paper.
     """
 
-    stages: tuple[tuple[int, ...], ...] = VIT_B_STAGES
+    stages: tuple[tuple[int, ...], ...] | None = None
     nga_sigma: float = 1.0
     tap_projection: str = "trainable"
     last_block: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.stages = tuple(tuple(int(block) for block in stage) for stage in self.stages)
-        if not self.stages or any(not stage for stage in self.stages):
-            raise ValueError(f"stages must be non-empty lists of block indices, got "
-                             f"{self.stages}.")
-        taps = [block for stage in self.stages for block in stage]
-        if taps != sorted(set(taps)):
-            raise ValueError(f"stages must list distinct blocks from shallow to deep, got "
-                             f"{self.stages}.")
+        if self.stages is not None:
+            self.stages = checked_stages(self.stages)
         if self.tap_projection not in TAP_PROJECTIONS:
             raise ValueError(f"tap_projection must be one of {TAP_PROJECTIONS}, got "
                              f"{self.tap_projection!r}.")
         if self.nga_sigma <= 0:
             raise ValueError(f"nga_sigma must be positive, got {self.nga_sigma}.")
+
+
+def checked_stages(stages) -> tuple[tuple[int, ...], ...]:
+    """`stages` as tuples of ints; each non-empty, all blocks distinct and shallow to deep."""
+    stages = tuple(tuple(int(block) for block in stage) for stage in stages)
+    if not stages or any(not stage for stage in stages):
+        raise ValueError(f"stages must be non-empty lists of block indices, got {stages}.")
+    taps = [block for stage in stages for block in stage]
+    if taps != sorted(set(taps)):
+        raise ValueError(f"stages must list distinct blocks from shallow to deep, got {stages}.")
+    return stages
 
 
 def nga_init(depth: int, sigma: float) -> Tensor:
@@ -102,6 +126,8 @@ class CascadeCLIP(PromptedDecoderMethod):
 
     def build_head(self, backbone: ClipBackbone, dim: int) -> None:
         config = self.config
+        if config.stages is None:  # resolved once, so the checkpoint records the stages used
+            config.stages = scaled_stages(backbone.num_layers)
         last = backbone.num_layers - 1
         too_deep = [block for stage in config.stages for block in stage if block >= last]
         if too_deep or config.stages[0][0] < 0:
