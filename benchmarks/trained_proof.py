@@ -1,0 +1,74 @@
+"""Collect the proving-ground proof of the trained methods: per run the last held-out evaluation
+`zegkit train` logged, per method the mean and std over seeds, beside the training-free rows.
+
+Runs are folders made by `zegkit train --recipe <method>-synthetic --set seed=S --out
+RUNS/<name>-s<S>` (each evaluates on the same 100 held-out scenes, seed 1, at the end).
+
+    python benchmarks/trained_proof.py runs/proof --json benchmarks/results/trained_proof.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+from zegkit.io import atomic_write
+
+METRICS = ("mIoU", "mIoU(S)", "mIoU(U)", "hIoU")
+TRAINING_FREE = Path(__file__).parent / "results" / "zegclip_synthetic_proof.json"
+
+
+def final_eval(run: Path) -> dict | None:
+    """The last evaluation line of a finished run's log, with its step and throughput."""
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "eval" in line]
+    recipe = json.loads((run / "recipe.json").read_text())
+    if not evals or evals[-1]["step"] != recipe["iterations"]:
+        return None
+    speeds = [line["images_per_second"] for line in lines if "images_per_second" in line]
+    return {**{k: evals[-1]["eval"][k] for k in METRICS}, "step": evals[-1]["step"],
+            "images_per_second_median": statistics.median(speeds),
+            "method_settings": recipe["method_settings"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, help="folder holding the run folders")
+    parser.add_argument("--json", type=Path, help="also write the table here")
+    args = parser.parse_args()
+    runs: dict[str, dict[str, dict]] = {}
+    for log in sorted(args.runs.glob("*/log.jsonl")):
+        match = re.fullmatch(r"(.+)-s(\d+)", log.parent.name)
+        result = final_eval(log.parent) if match else None
+        if result:
+            runs.setdefault(match.group(1), {})[match.group(2)] = result
+    table = {}
+    for name, seeds in runs.items():
+        row = {"seeds": sorted(seeds), "runs": seeds}
+        for metric in METRICS:
+            values = [run[metric] for run in seeds.values()]
+            row[metric] = round(statistics.mean(values), 2)
+            row[f"{metric}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else None
+        table[name] = row
+    free = json.loads(TRAINING_FREE.read_text())
+    print(f"{'method':36s} " + " ".join(f"{m:>14s}" for m in METRICS))
+    for name, row in free.items():
+        if not name.startswith("_") and name != "zegclip":
+            print(f"{name:36s} " + " ".join(f"{row[m]:14.2f}" for m in METRICS))
+    for name, row in table.items():
+        cells = [f"{row[m]:6.2f} ± {row[m + '_std'] or 0:5.2f}" for m in METRICS]
+        print(f"{name + ' (' + str(len(row['seeds'])) + ' seeds)':36s} " + " ".join(cells))
+    if args.json:
+        record = {"trained": table,
+                  "training_free": {k: {m: v[m] for m in METRICS} for k, v in free.items()
+                                    if not k.startswith("_") and k != "zegclip"},
+                  "training_free_how": free["_how"]}
+        with atomic_write(args.json, "w") as handle:
+            handle.write(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
