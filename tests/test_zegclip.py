@@ -1,6 +1,7 @@
-"""ZegCLIP: the decoder's mask is its last layer's head-averaged pre-softmax score, the loss
-matches a direct computation, self-training targets, the seen penalty, and a train-save-segment
-round trip through the one builder."""
+"""ZegCLIP and the methods on its parts (Cascade-CLIP, CLIP-RC): the decoder's mask is its last
+layer's head-averaged pre-softmax score, the loss matches a direct computation, self-training
+targets, the seen penalty; per method, a gradient in every trainable tensor and a
+train-save-segment round trip through the one builder."""
 
 import math
 
@@ -100,28 +101,68 @@ def _batch(backbone, method):
     return Batch(method.normalize(backbone, images), labels, torch.tensor([True, True, False]))
 
 
-def test_trains_saves_and_segments_through_the_builder(backbone, tmp_path):
+# The tiny test CLIP has 3 blocks: Cascade-CLIP gets one two-block stage and the final block.
+# (lr, steps) of the few-step run. CLIP-RC diverges at the others' lr 1e-2 (one class everywhere);
+# at 1e-3 its two halves' logits part by ~0.006 after 30 steps and ~0.75 after 100.
+SCHEDULES = {"zegclip": (1e-2, 30), "cascade_clip": (1e-2, 30), "clip_rc": (1e-3, 100)}
+FAMILY = {
+    "zegclip": {},
+    "cascade_clip": {"stages": ((0, 1),)},
+    "clip_rc": {"region_grid": (2, 2)},
+}
+
+
+def _family_member(name, backbone, **settings):
     torch.manual_seed(0)
-    method = create_method("zegclip", prompt_tokens=2, decoder_heads=2, dropout=0.0,
-                           prompt_dropout=0.0, seen_classes=("red", "green"))
+    method = create_method(name, prompt_tokens=2, decoder_heads=2, dropout=0.0,
+                           prompt_dropout=0.0, seen_classes=("red", "green"),
+                           **FAMILY[name], **settings)
     method.build(backbone)
+    return method
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_every_trainable_tensor_gets_a_gradient(name, backbone):
+    method = _family_member(name, backbone)
+    text = encode_vocabulary(backbone, CLASSES, templates="single", use_cache=False)
+    batch = _batch(backbone, method)
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=1e-2)
+    for _ in range(2):  # after one step, layers behind zero-initialised ones (CLIP-RC) get one
+        optimizer.zero_grad()
+        method.loss(backbone, batch, text)["loss"].backward()
+        optimizer.step()
+    missing = [n for n, p in method.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+    assert all(p.grad is None for p in backbone.parameters())
+    method.eval()
+    scores = method(backbone, batch.pixels, text)
+    assert scores.shape == (2, 3, 4, 4)
+    assert ((scores >= -0.1) & (scores <= 1)).all()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_trains_saves_and_segments_through_the_builder(name, backbone, tmp_path):
+    method = _family_member(name, backbone)
     text = encode_vocabulary(backbone, CLASSES, templates=method.default_templates(),
                              use_cache=False)
     batch = _batch(backbone, method)
-    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=1e-2)
+    lr, steps = SCHEDULES[name]
+    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=lr)
     losses = []
-    for _ in range(30):
+    for _ in range(steps):
         terms = method.loss(backbone, batch, text)
         optimizer.zero_grad()
         terms["loss"].backward()
         optimizer.step()
         losses.append(terms["loss"].item())
     assert losses[-1] < 0.5 * losses[0]
-    assert all(p.grad is None for p in backbone.parameters())
 
-    path = save_method(method.eval(), tmp_path / "zc.safetensors", backbone)
-    segmenter = load_segmenter("zegclip", backbone=backbone, checkpoint=path)
+    path = save_method(method.eval(), tmp_path / f"{name}.safetensors", backbone)
+    segmenter = load_segmenter(name, backbone=backbone, checkpoint=path)
     assert segmenter.templates == "zegclip-single"
+    reloaded = segmenter.method.state_dict()
+    assert all(torch.equal(reloaded[key], value) for key, value in method.state_dict().items())
     segmenter.set_vocabulary(CLASSES[:2])
     images = torch.zeros(1, 3, 64, 64)
     images[:, 0, :, :32] = 1.0

@@ -44,6 +44,7 @@ from zegkit.methods.zegclip_base import (
 )
 
 REGION_TOKEN_MODES = ("trainable", "frozen")
+MASK_SCALES = ("none", "sqrt_dim")
 
 
 @dataclass
@@ -56,11 +57,16 @@ class CLIPRCConfig(ZegCLIPConfig):
             the [CLS]-based initialisation, as in the released code.
         recovery_weight: weight of each L1 recovery term, queries and visual tokens (VOC 2,
             COCO-Stuff 50).
+        mask_scale: "none": the released code's unscaled dot products of the decoder's
+            post-LayerNorm tokens (logits of order sqrt(width) at initialisation, which AdamW
+            needs hundreds of steps to shrink); "sqrt_dim": divided by sqrt(width), as in scaled
+            dot-product attention (zegkit's option for short schedules; not the paper's).
     """
 
     region_grid: tuple[int, int] = (4, 4)
     region_tokens: str = "trainable"
     recovery_weight: float = 2.0
+    mask_scale: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +77,8 @@ class CLIPRCConfig(ZegCLIPConfig):
         if self.region_tokens not in REGION_TOKEN_MODES:
             raise ValueError(f"region_tokens must be one of {REGION_TOKEN_MODES}, got "
                              f"{self.region_tokens!r}.")
+        if self.mask_scale not in MASK_SCALES:
+            raise ValueError(f"mask_scale must be one of {MASK_SCALES}, got {self.mask_scale!r}.")
         if self.recovery_weight < 0:
             raise ValueError(f"recovery_weight must be >= 0, got {self.recovery_weight}.")
 
@@ -194,6 +202,8 @@ class CLIPRC(PromptedDecoderMethod):
         for layer in self.decoder:
             queries, visual = layer(queries, visual)
         logits = (queries @ visual.transpose(1, 2)).view(batch, count, classes, -1).mean(dim=1)
+        if self.config.mask_scale == "sqrt_dim":
+            logits = logits / queries.shape[-1] ** 0.5
         auxiliary = {}
         if self.training and self.config.recovery_weight:
             auxiliary["recovery"] = self.config.recovery_weight * self.recovery_loss(
