@@ -40,6 +40,7 @@ unread, zegkit chose, each a config field:
 - contrastive temperature: the frozen CLIP's own learned logit scale (100 for OpenAI's CLIPs),
   `contrastive_scale=None`; a number fixes another.
 - noun-prompt augmentation of the captions is data, not the method (`zegkit.train.captions`).
+- φ and the loss are computed in float32 under bf16 autocast (`_compatibility`).
 - inference: the shared protocol (sliding window, bilinear upsampling); the paper's "stride
   trick" (a denser patch grid at test time) is not implemented.
 Zero-shot classification scores an image with φ(x, class prompt embedding) (`image_scores`).
@@ -260,13 +261,17 @@ class PACL(Method):
         return self._compatibility(patches, rows, rows)
 
     def _compatibility(self, patches: Tensor, own_text: Tensor, text: Tensor) -> Tensor:
+        """φ in float32 even under bf16 autocast: the φ of a batch differ by about bf16's
+        resolution (1/128), which would drown the contrastive signal."""
         config = self.config
-        if config.compatibility == "own_caption":
-            return own_caption_compatibility(patches, own_text, text,
-                                             temperature=config.patch_temperature,
-                                             pooling=config.pooling)
-        return compatibility(patches, text, temperature=config.patch_temperature,
-                             pooling=config.pooling, chunk_size=config.chunk_size)
+        patches, own_text, text = patches.float(), own_text.float(), text.float()
+        with torch.autocast(patches.device.type, enabled=False):
+            if config.compatibility == "own_caption":
+                return own_caption_compatibility(patches, own_text, text,
+                                                 temperature=config.patch_temperature,
+                                                 pooling=config.pooling)
+            return compatibility(patches, text, temperature=config.patch_temperature,
+                                 pooling=config.pooling, chunk_size=config.chunk_size)
 
     def contrastive_scale(self, backbone: ClipBackbone) -> float:
         """1/τ of the InfoNCE: the config's, else the frozen CLIP's learned logit scale."""
