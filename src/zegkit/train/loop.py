@@ -16,6 +16,11 @@ Run folder (`out`):
 Data parallelism: under torchrun every process takes its share of each global batch (the
 loader's keys depend only on the seed and the step), DDP averages the gradients, and the loss
 normalises by counts all-reduced over processes, so N processes compute the one-process step.
+
+Data: segmentation masks (`zegkit.train.data`, batches of `Batch`) or image-caption pairs
+(`zegkit.train.captions`, recipes whose dataset is "synthetic-captions" or "captions", batches of
+`CaptionBatch`). A caption corpus has no held-out masks: only the proving ground's captions are
+evaluated during training; evaluate others with `zegkit eval --checkpoint`.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ from zegkit.distributed import DistributedContext, all_reduce_sum, barrier, init
 from zegkit.hardware import autocast_dtype
 from zegkit.io import atomic_write, save_json_atomic
 from zegkit.methods import Method, create_method
-from zegkit.methods.base import Batch
+from zegkit.methods.base import Batch, CaptionBatch
 from zegkit.methods.checkpoint import load_method, save_method
 from zegkit.text import TextEmbeddings, encode_vocabulary
+from zegkit.train.captions import build_caption_loader, is_caption_dataset, load_caption_set
 from zegkit.train.data import (
     build_train_loader,
     check_training_set,
@@ -67,7 +73,8 @@ class _Loss(nn.Module):
         super().__init__()
         self.method = method
 
-    def forward(self, backbone: ClipBackbone, batch: Batch, text: TextEmbeddings) -> dict:
+    def forward(self, backbone: ClipBackbone, batch: Batch | CaptionBatch,
+                text: TextEmbeddings | None) -> dict:
         return self.method.loss(backbone, batch, text)
 
 
@@ -116,11 +123,15 @@ def _method_settings(recipe: Recipe, seen_names: list[str]) -> dict[str, Any]:
 
 def _held_out(recipe: Recipe, data_root: str | os.PathLike | None, out: Path,
               context: DistributedContext):
-    """The evaluation split: the benchmark's val split, or generated synthetic scenes."""
+    """The evaluation split: the benchmark's val split, or generated synthetic scenes (also for
+    the proving ground's captions); None for a caption corpus (no masks)."""
     from zegkit.data import load_dataset
     from zegkit.data.synthetic import write_dataset
 
-    if recipe.dataset != "synthetic" or data_root is not None:
+    if is_caption_dataset(recipe.dataset):
+        if recipe.dataset != "synthetic-captions":
+            return None
+    elif recipe.dataset != "synthetic" or data_root is not None:
         return load_dataset(recipe.dataset, data_root, "val")
     folder = out / "held_out"
     if context.is_main and not (folder / "split.json").exists():
@@ -262,9 +273,14 @@ def train(
     torch.manual_seed(recipe.seed)
 
     backbone = load_clip(recipe.model, device=context.device)
-    dataset = load_training_set(recipe.dataset, data_root, size=recipe.crop)
-    check_training_set(dataset)
-    seen, unseen = zero_shot_split(dataset, recipe.protocol)
+    captions = is_caption_dataset(recipe.dataset)
+    if captions:
+        dataset = load_caption_set(recipe.dataset, data_root, size=recipe.crop, seed=recipe.seed)
+        dataset.check()
+    else:
+        dataset = load_training_set(recipe.dataset, data_root, size=recipe.crop)
+        check_training_set(dataset)
+    seen, unseen = zero_shot_split(dataset, recipe.protocol) if dataset.class_names else ([], [])
     seen_names = [dataset.class_names[i].split(";")[0].strip() for i in seen]
     settings = _method_settings(recipe, seen_names)
     if recipe.init_from:
@@ -273,8 +289,10 @@ def train(
         method = create_method(recipe.method, **settings)
         method.build(backbone)
     method = method.to(context.device).train()
-    text = encode_vocabulary(backbone, dataset.class_names, templates=method.default_templates())
-    seen_mask = seen_class_mask(dataset.num_classes, seen).to(context.device)
+    text = (encode_vocabulary(backbone, dataset.class_names,
+                              templates=method.default_templates())
+            if dataset.class_names else None)
+    seen_mask = seen_class_mask(len(dataset.class_names), seen).to(context.device)
     self_training = bool(getattr(method.config, "self_training", False))
 
     optimizer = torch.optim.AdamW(parameter_groups(method, recipe), lr=recipe.lr,
@@ -290,12 +308,15 @@ def train(
 
     end = recipe.iterations if max_steps is None else min(recipe.iterations, step + max_steps)
     accumulation = recipe.accumulation
-    loader = build_train_loader(
-        dataset, recipe.augment(), batch_size=recipe.batch_size // accumulation,
-        seed=recipe.seed, num_steps=end * accumulation, start_step=step * accumulation,
-        unseen=() if self_training else unseen, rank=context.rank,
-        world_size=context.world_size, num_workers=num_workers, device=context.device,
-    )
+    shared = dict(batch_size=recipe.batch_size // accumulation, seed=recipe.seed,
+                  num_steps=end * accumulation, start_step=step * accumulation,
+                  rank=context.rank, world_size=context.world_size, num_workers=num_workers,
+                  device=context.device)
+    if captions:
+        loader = build_caption_loader(dataset, crop=recipe.crop, **shared)
+    else:
+        loader = build_train_loader(dataset, recipe.augment(),
+                                    unseen=() if self_training else unseen, **shared)
     dtype = autocast_dtype(recipe.precision, context.device)
     device_type = torch.device(context.device).type
     held_out = _held_out(recipe, data_root, out, context)
@@ -306,8 +327,8 @@ def train(
     while step < end:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, group["base_lr"], recipe)
-        terms = _accumulated_step(wrapped, backbone, batches, accumulation, text, seen_mask,
-                                  dtype, device_type, context)
+        terms = _accumulated_step(wrapped, backbone, batches, accumulation, text,
+                                  None if captions else seen_mask, dtype, device_type, context)
         if recipe.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), recipe.grad_clip)
         optimizer.step()
@@ -322,13 +343,15 @@ def train(
                        "images_per_second": round(rate, 2)})
         if step % recipe.checkpoint_every == 0 or step == end or step in recipe.keep_steps:
             _checkpoint(out, method, optimizer, step, backbone, recipe, context)
-        if step == end or (recipe.eval_every and step % recipe.eval_every == 0):
+        if held_out is not None and (step == end or (recipe.eval_every
+                                                     and step % recipe.eval_every == 0)):
             evaluation = _evaluate(method, backbone, recipe, held_out, seen, unseen)
             if context.is_main:
                 _log(out, {"step": step, "eval": evaluation})
                 save_json_atomic({"step": step, **evaluation}, out / "eval.json")
                 bar.write(f"step {step}: " + ", ".join(
-                    f"{k} {v:.2f}" for k, v in evaluation.items() if k != "num_images"))
+                    f"{k} {v:.2f}" for k, v in evaluation.items()
+                    if k != "num_images" and v is not None))
     bar.close()
     seconds = time.perf_counter() - started
     return {"step": step, "seconds": round(seconds, 2),
@@ -337,17 +360,22 @@ def train(
 
 
 def _accumulated_step(wrapped: nn.Module, backbone: ClipBackbone, batches, accumulation: int,
-                      text: TextEmbeddings, seen: Tensor, dtype: torch.dtype, device_type: str,
-                      context: DistributedContext) -> dict[str, float]:
-    """Forward and backward `accumulation` micro-batches; returns the mean loss terms."""
+                      text: TextEmbeddings | None, seen: Tensor | None, dtype: torch.dtype,
+                      device_type: str, context: DistributedContext) -> dict[str, float]:
+    """Forward and backward `accumulation` micro-batches; returns the mean loss terms.
+
+    `seen` None: the loader yields (images, captions) pairs (a `CaptionBatch`), else (images,
+    labels) (a `Batch` with the seen-class mask).
+    """
     totals: dict[str, float] = {}
     for micro in range(accumulation):
-        images, labels = next(batches)
+        images, targets = next(batches)
         images = images.to(context.device, non_blocking=True)
-        labels = labels.to(context.device, non_blocking=True)
         parallel = isinstance(wrapped, DistributedDataParallel)
         method = (wrapped.module if parallel else wrapped).method
-        batch = Batch(method.normalize(backbone, images), labels, seen)
+        pixels = method.normalize(backbone, images)
+        batch = CaptionBatch(pixels, list(targets)) if seen is None else Batch(
+            pixels, targets.to(context.device, non_blocking=True), seen)
         # DDP averages gradients on the last micro-batch's backward only
         last = micro == accumulation - 1
         with wrapped.no_sync() if parallel and not last else nullcontext():
