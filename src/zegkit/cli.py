@@ -409,6 +409,19 @@ def run_train(args: argparse.Namespace) -> None:
               f"checkpoint {args.out / 'last.safetensors'}")
 
 
+# ---- classify -------------------------------------------------------------------------------
+def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
+    from zegkit import classify
+
+    classify.add_arguments(parser)
+
+
+def run_classify(args: argparse.Namespace) -> None:
+    from zegkit import classify
+
+    classify.run(args)
+
+
 # ---- serve ----------------------------------------------------------------------------------
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     from zegkit import serve
@@ -430,6 +443,8 @@ COMMANDS: dict[str, Command] = {
         add_eval_arguments,
         run_eval,
     ),
+    "classify": ("zero-shot image classification with any class names (PACL: its pooled "
+                 "compatibility)", add_classify_arguments, run_classify),
     "methods": ("list the segmentation methods and refiners", None, run_methods),
     "synth": (
         "write a synthetic proving-ground dataset (images, masks, captions, split)",
