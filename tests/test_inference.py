@@ -81,8 +81,8 @@ def test_synonym_max_and_background_threshold():
     assert torch.allclose(probs.flatten(), torch.stack([joint[:2].max(), joint[2], joint[3]]))
     assert decide_labels(probs, None).item() == 0
     probs = torch.tensor([0.2, 0.5, 0.3]).view(1, 3, 1, 1)
-    assert decide_labels(probs, 0.4).item() == 1
-    assert decide_labels(probs, 0.6).item() == 0
+    assert decide_labels(probs, 0.4, 0).item() == 1
+    assert decide_labels(probs, 0.6, 0).item() == 0
 
 
 @pytest.mark.parametrize(
@@ -116,3 +116,40 @@ def test_activations_and_declared_rows():
 
 class _FourClasses(_Vocabulary):
     num_classes = 4
+
+
+def test_background_threshold_uses_the_background_class_not_the_first():
+    from zegkit.inference import background_class
+
+    classes = [["cat"], ["Background", "bg"], ["dog"]]
+    assert background_class(classes) == 1
+    probabilities = torch.tensor([[0.4, 0.3, 0.3], [0.1, 0.1, 0.8]]).T.reshape(1, 3, 1, 2)
+    labels = decide_labels(probabilities, 0.5, background_class(classes))
+    assert labels.tolist() == [[[1, 2]]]
+    with pytest.raises(ValueError, match="background"):
+        background_class([["cat"], ["dog"]])
+
+
+@pytest.mark.parametrize(
+    ("images", "error", "fragment"),
+    [
+        (torch.rand(1, 3, 4, 4) * 255, ValueError, r"\[0, 1\]"),
+        (torch.full((1, 3, 2, 2), float("nan")), ValueError, "NaN"),
+        (torch.zeros(1, 3, 0, 4), ValueError, "no pixels"),
+        (torch.zeros(1, 3, 2, 2, dtype=torch.int32), ValueError, "dtype"),
+        (torch.zeros(3, 2, 2), ValueError, "shape"),
+        ([[0.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_unit_images_refuses_misread_inputs(images, error, fragment):
+    from zegkit.inference import unit_images
+
+    with pytest.raises(error, match=fragment):
+        unit_images(images)
+
+
+def test_unit_images_scales_uint8():
+    from zegkit.inference import unit_images
+
+    images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    assert torch.equal(unit_images(images), torch.ones(1, 3, 2, 2))

@@ -406,3 +406,95 @@ def test_list_images_errors(tmp_path):
         list_images(tmp_path)
     with pytest.raises(NotADirectoryError, match="not a folder"):
         list_images(tmp_path / "readme.md")
+
+
+def _unit_files(tmp_path):
+    """Three existing outputs and their bytes, to check a failed unit write leaves them."""
+    paths = [tmp_path / name for name in ("a_labels.png", "a_overlay.png", "a.json")]
+    for index, path in enumerate(paths):
+        path.write_bytes(f"old {index}".encode())
+    return paths, {path: path.read_bytes() for path in paths}
+
+
+def test_write_files_atomic_replaces_all(tmp_path):
+    from zegkit.io import write_files_atomic
+
+    paths, _ = _unit_files(tmp_path)
+    write_files_atomic({path: b"new" for path in paths})
+    assert all(path.read_bytes() == b"new" for path in paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_write_files_atomic_failed_staging_changes_nothing(tmp_path, monkeypatch):
+    import zegkit.io as zio
+
+    paths, before = _unit_files(tmp_path)
+    real = zio._write_synced
+    calls = []
+
+    def full_disk(path, data):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(zio, "_write_synced", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        zio.write_files_atomic({path: b"new" for path in paths})
+    assert {path: path.read_bytes() for path in paths} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_write_files_atomic_failed_rename_restores_old(tmp_path, monkeypatch):
+    import zegkit.io as zio
+
+    paths, before = _unit_files(tmp_path)
+    real = os.replace
+    renames = []
+
+    def failing_replace(source, target):
+        renames.append(target)
+        if len(renames) == 4:  # after the first target is placed, while placing the second
+            raise KeyboardInterrupt
+        real(source, target)
+
+    monkeypatch.setattr(zio.os, "replace", failing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        zio.write_files_atomic({path: b"new" for path in paths})
+    assert {path: path.read_bytes() for path in paths} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_write_files_atomic_refuses_duplicate_target(tmp_path):
+    from zegkit.io import write_files_atomic
+
+    with pytest.raises(ValueError, match="same target twice"):
+        write_files_atomic({tmp_path / "x": b"1", str(tmp_path / "x"): b"2"})
+
+
+def test_check_image_file_reads_header_and_refuses_bad_files(tmp_path):
+    from zegkit.io import check_image_file
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (5, 3)).save(good)
+    assert check_image_file(good) == (3, 5)
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a readable image"):
+        check_image_file(tmp_path / "text.png")
+    with pytest.raises(ValueError, match="empty file"):
+        check_image_file(tmp_path / "empty.png")
+    with pytest.raises(FileNotFoundError):
+        check_image_file(tmp_path / "missing.png")
+
+
+def test_decompression_bomb_is_value_error(tmp_path, monkeypatch):
+    from zegkit.io import check_image_file
+
+    path = tmp_path / "big.png"
+    Image.new("L", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64*64 > 2x the limit: a bomb
+    with pytest.raises(ValueError, match="decompression-bomb"):
+        check_image_file(path)
+    with pytest.raises(ValueError, match="decompression-bomb"):
+        load_image(path)

@@ -53,7 +53,7 @@ def test_unknown_setting_lists_the_valid_ones(backbone):
 def test_segment_json_records_the_effective_settings(backbone, tmp_path):
     segmenter = load_segmenter("sclip", backbone=backbone, protocol=PROTOCOL, logit_scale=30.0)
     image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
-    result = segmenter.segment(image, classes=["dog", "grass"])
+    result = segmenter.segment(image, classes=["background", "dog", "grass"])
     paths = result.save(tmp_path, "photo", image)
     settings = json.loads(paths["json"].read_text())["settings"]
     assert settings["method"] == "sclip" and settings["model"] == "tiny"

@@ -235,3 +235,14 @@ def test_overlay_bad_inputs(scene, kwargs, fragment):
     arguments = {"image": image, "labels": labels, "class_names": names, **kwargs}
     with pytest.raises(ValueError, match=fragment):
         overlay(**arguments)
+
+
+def test_label_png_is_16_bit_beyond_255_classes(tmp_path):
+    from zegkit.viz import label_png
+
+    names = [f"class {index}" for index in range(300)]
+    labels = np.array([[0, 299], [255, 17]])
+    save_png_atomic(label_png(labels, names), tmp_path / "l.png")
+    with Image.open(tmp_path / "l.png") as image:
+        assert image.mode.startswith("I")
+        assert np.array(image).tolist() == labels.tolist()

@@ -9,7 +9,7 @@ background label 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,9 @@ from torch import Tensor
 MAX_LONG_SIDE = 2048
 MODES = ("slide", "whole")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Below-threshold pixels go to the class with this display name (the datasets' class 0).
+BACKGROUND_NAME = "background"
+UINT8_MAX = 255
 
 CropScores = Callable[[Tensor], Tensor]
 
@@ -158,9 +161,78 @@ def whole_scores(crop_scores: CropScores, pixels: Tensor, patch_size: int) -> Te
     return scores[..., :height, :width]
 
 
-def decide_labels(probabilities: Tensor, background_threshold: float | None) -> Tensor:
-    """Argmax labels (B, H, W); below-threshold pixels get the background label 0."""
+def decide_labels(
+    probabilities: Tensor, background_threshold: float | None, background: int | None = None
+) -> Tensor:
+    """Argmax labels (B, H, W) of probabilities (B, K, H, W); pixels whose best probability is
+    below the threshold get the `background` class (`background_class` finds it by name).
+
+    Raises:
+        ValueError: a threshold without a background index (no class would be a silent guess).
+    """
     best, labels = probabilities.max(dim=1)
     if background_threshold is not None:
-        labels[best < background_threshold] = 0
+        if background is None:
+            raise ValueError("A background threshold needs the index of the background class.")
+        labels[best < background_threshold] = background
     return labels
+
+
+def background_class(classes: Sequence[Sequence[str]]) -> int:
+    """The index of the class named "background" (any case), which below-threshold pixels get.
+
+    Args:
+        classes: synonym lists per class, the display name first (`zegkit.text.parse_classes`).
+
+    Raises:
+        ValueError: no class is named "background": without one a threshold would hand
+            uncertain pixels to a real class.
+    """
+    for index, names in enumerate(classes):
+        if names[0].casefold() == BACKGROUND_NAME:
+            return index
+    raise ValueError(
+        f"A background threshold gives uncertain pixels the class named {BACKGROUND_NAME!r}, "
+        f"and these classes have none ({[names[0] for names in classes][:10]}). Add it, e.g. "
+        f"--classes \"{BACKGROUND_NAME}, cat, dog\" (it is scored like any class), or drop "
+        "the threshold."
+    )
+
+
+def unit_images(images: object) -> Tensor:
+    """Check an image batch and return it as float32 (B, 3, H, W) in [0, 1].
+
+    uint8 tensors (0..255) are scaled by 1/255; float tensors must already lie in [0, 1] (an
+    image in 0..255 or CLIP-normalised would otherwise be silently misread).
+
+    Raises:
+        TypeError: not a torch tensor.
+        ValueError: another layout or dtype, no pixels, NaN/inf, or values outside [0, 1].
+    """
+    if not isinstance(images, Tensor):
+        raise TypeError(
+            f"images must be a torch.Tensor (B, 3, H, W) in [0, 1], got {type(images).__name__}. "
+            "For a path, PIL image or (H, W, 3) array use Segmenter.segment(); or convert: "
+            "torch.from_numpy(array).permute(2, 0, 1)[None] / 255."
+        )
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}.")
+    if images.numel() == 0:
+        raise ValueError(f"images have no pixels (shape {tuple(images.shape)}).")
+    if images.dtype == torch.uint8:
+        return images.float() / UINT8_MAX
+    if not images.is_floating_point():
+        raise ValueError(
+            f"images must be float in [0, 1] or uint8, got dtype {images.dtype}; convert with "
+            ".float() / 255 for 0..255 values."
+        )
+    images = images.float()
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or infinite values.")
+    low, high = (float(value) for value in torch.aminmax(images))
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"images must hold values in [0, 1], got [{low:g}, {high:g}]: divide 0..255 values "
+            "by 255; pass images before normalisation (each method normalises them itself)."
+        )
+    return images

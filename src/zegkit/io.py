@@ -16,12 +16,14 @@ documented rule:
 `to_tensor` is the bridge to the model (3 x H x W float32 in [0, 1]). `atomic_write` and the
 `save_*_atomic` helpers write through a temporary file in the target's directory and
 `os.replace` it into place, so a reader never sees a half-written file and a failed write leaves
-the old file untouched.
+the old file untouched. `write_files_atomic` does the same for several files that belong
+together (an image's label map, overlay and summary): all of them are replaced, or none is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import secrets
@@ -94,6 +96,21 @@ def load_image(source: ImageSource) -> Image.Image:
 
 def _open_file(path: Path) -> Image.Image:
     """Open, fully decode and EXIF-rotate an image file, with clear errors for bad files."""
+    _check_path(path)
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise ValueError(_bomb_message(str(path), error)) from error
+    except UnidentifiedImageError as error:
+        raise ValueError(
+            f"{path} is not a readable image (supported: {SUPPORTED_FORMATS})."
+        ) from error
+    with image:
+        return _decode(image, what=str(path))
+
+
+def _check_path(path: Path) -> None:
+    """Refuse a missing path, a directory or an empty file, each with its own message."""
     if not path.exists():
         raise FileNotFoundError(f"Image file not found: {path}. Check the path and try again.")
     if path.is_dir():
@@ -103,14 +120,35 @@ def _open_file(path: Path) -> Image.Image:
         )
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is an empty file (0 bytes), not a readable image.")
+
+
+def check_image_file(path: str | os.PathLike) -> tuple[int, int]:
+    """Check from its header (without decoding pixels) that `path` is an image Pillow reads.
+
+    Cheap enough to run over every input before any model loads; decoding can still fail later
+    for damage the header does not show.
+
+    Returns:
+        (height, width) of the image as stored (before EXIF orientation).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a directory, an empty file, not an image, a damaged header, or larger than
+            Pillow's decompression-bomb limit.
+    """
+    path = Path(path)
+    _check_path(path)
     try:
-        image = Image.open(path)
-    except UnidentifiedImageError as error:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+    except Image.DecompressionBombError as error:
+        raise ValueError(_bomb_message(str(path), error)) from error
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError, ValueError) as error:
         raise ValueError(
-            f"{path} is not a readable image (supported: {SUPPORTED_FORMATS})."
+            f"{path} is not a readable image ({error}); supported: {SUPPORTED_FORMATS}."
         ) from error
-    with image:
-        return _decode(image, what=str(path))
+    return size[1], size[0]
 
 
 def _decode(image: Image.Image, what: str) -> Image.Image:
@@ -119,15 +157,19 @@ def _decode(image: Image.Image, what: str) -> Image.Image:
         image.load()
         return ImageOps.exif_transpose(image)  # a transposed copy, or a plain copy
     except Image.DecompressionBombError as error:
-        raise ValueError(
-            f"{what} is larger than Pillow's decompression-bomb limit ({error}). If you trust "
-            f"the file, raise PIL.Image.MAX_IMAGE_PIXELS before loading it."
-        ) from error
+        raise ValueError(_bomb_message(what, error)) from error
     except (OSError, SyntaxError, EOFError) as error:
         raise ValueError(
             f"{what} is truncated or corrupt and cannot be decoded ({error}). Re-export or "
             f"re-download the image."
         ) from error
+
+
+def _bomb_message(what: str, error: Exception) -> str:
+    return (
+        f"{what} is larger than Pillow's decompression-bomb limit ({error}). If you trust the "
+        f"file, raise PIL.Image.MAX_IMAGE_PIXELS before loading it."
+    )
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
@@ -328,26 +370,106 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
     if mode not in WRITE_MODES:
         raise ValueError(f"atomic_write mode must be one of {WRITE_MODES}; got {mode!r}.")
     target = Path(path)
-    directory = target.parent
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"Cannot write {target}: directory {directory} does not exist. Create it first, "
-            f"e.g. Path({str(directory)!r}).mkdir(parents=True, exist_ok=True)."
-        )
-    temp = directory / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    _check_directory(target)
+    temp = _temp_path(target, "tmp")
     encoding = None if "b" in mode else "utf-8"
     try:
         with open(temp, mode.replace("w", "x"), encoding=encoding) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        if target.exists():
-            os.chmod(temp, stat.S_IMODE(target.stat().st_mode))
+        _keep_permissions(target, temp)
         os.replace(temp, target)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+        _remove_quietly(temp)
         raise
+
+
+def write_files_atomic(contents: Mapping[str | os.PathLike, bytes]) -> None:
+    """Write several files as one unit: afterwards all hold the new bytes, or none changed.
+
+    Every file is first written in full to a temporary file beside its target and fsynced, so a
+    full disk, a read-only folder or an interrupt (Ctrl-C) while writing touches no target. Then
+    each existing target is moved aside and the new file renamed into place; if anything fails
+    in that step, the moved-aside files are put back and new ones removed. Temporary files never
+    remain. Existing targets keep their permission bits.
+
+    Args:
+        contents: target path -> the bytes it should hold. Each target's directory must exist.
+
+    Raises:
+        ValueError: the same target twice.
+        FileNotFoundError: a target's directory does not exist.
+        OSError: a write or rename failed (nothing changed; the error propagates).
+    """
+    targets = [Path(path) for path in contents]
+    if len({path.resolve() for path in targets}) != len(targets):
+        raise ValueError(f"write_files_atomic got the same target twice: {targets}.")
+    for target in targets:
+        _check_directory(target)
+    staged: dict[Path, Path] = {}
+    try:
+        for target, data in zip(targets, contents.values(), strict=True):
+            staged[target] = _temp_path(target, "tmp")
+            _write_synced(staged[target], data)
+        _commit(staged)
+    finally:
+        for temp in staged.values():
+            _remove_quietly(temp)
+
+
+def _commit(staged: Mapping[Path, Path]) -> None:
+    """Rename staged temporary files onto their targets, all or none (see write_files_atomic)."""
+    moved_aside: dict[Path, Path] = {}
+    placed: list[Path] = []
+    try:
+        for target, temp in staged.items():
+            _keep_permissions(target, temp)
+            if target.exists():
+                moved_aside[target] = _temp_path(target, "old")
+                os.replace(target, moved_aside[target])
+            os.replace(temp, target)
+            placed.append(target)
+    except BaseException:
+        for target in placed:
+            _remove_quietly(target)
+        for target, old in moved_aside.items():
+            os.replace(old, target)
+        raise
+    for old in moved_aside.values():
+        _remove_quietly(old)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Create `path` (it must not exist) holding `data`, flushed to the disk."""
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _check_directory(target: Path) -> None:
+    directory = target.parent
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"Cannot write {target}: directory {directory} does not exist. Create it first, "
+            f"e.g. Path({str(directory)!r}).mkdir(parents=True, exist_ok=True)."
+        )
+
+
+def _temp_path(target: Path, kind: str) -> Path:
+    """A hidden, unique name beside `target` (same file system, so renames are atomic)."""
+    return target.parent / f".{target.name}.{secrets.token_hex(6)}.{kind}"
+
+
+def _keep_permissions(target: Path, temp: Path) -> None:
+    if target.exists():
+        os.chmod(temp, stat.S_IMODE(target.stat().st_mode))
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> None:
@@ -360,10 +482,22 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> None:
     Raises:
         TypeError: `image` is not a PIL image.
     """
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"save_png_atomic expects a PIL.Image.Image; got {type(image).__name__}.")
+    data = png_bytes(image)
     with atomic_write(path, "wb") as handle:
-        image.save(handle, format="PNG")
+        handle.write(data)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """`image` encoded as a PNG file, in memory (for `write_files_atomic`).
+
+    Raises:
+        TypeError: `image` is not a PIL image.
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"PNG encoding expects a PIL.Image.Image; got {type(image).__name__}.")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def save_json_atomic(obj: Any, path: str | os.PathLike, *, indent: int | None = 2) -> None:
@@ -381,6 +515,18 @@ def save_json_atomic(obj: Any, path: str | os.PathLike, *, indent: int | None = 
         TypeError: `obj` holds something JSON cannot encode (e.g. a numpy array).
         ValueError: `obj` holds NaN or infinity.
     """
+    text = json_text(obj, path, indent=indent)
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+
+
+def json_text(obj: Any, path: str | os.PathLike, *, indent: int | None = 2) -> str:
+    """`obj` as strict JSON with a trailing newline, as `save_json_atomic` writes it to `path`
+    (named in errors).
+
+    Raises:
+        TypeError, ValueError: as for `save_json_atomic`.
+    """
     try:
         text = json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
     except ValueError as error:
@@ -393,8 +539,7 @@ def save_json_atomic(obj: Any, path: str | os.PathLike, *, indent: int | None = 
             f"Cannot write {path} as JSON: {error}. Convert numpy arrays/scalars and other "
             f"objects to lists, floats, ints or strings first (e.g. array.tolist())."
         ) from error
-    with atomic_write(path, "w") as handle:
-        handle.write(text + "\n")
+    return text + "\n"
 
 
 def jsonable(value: object) -> object:

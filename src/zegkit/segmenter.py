@@ -24,23 +24,26 @@ from zegkit.data.protocols import Protocol, get_protocol
 from zegkit.inference import (
     PRECISIONS,
     InferenceConfig,
+    background_class,
     decide_labels,
     resize,
     resized_size,
     sliding_scores,
+    unit_images,
     whole_scores,
 )
 from zegkit.io import (
     ImageSource,
+    json_text,
     jsonable,
     load_image,
-    save_json_atomic,
-    save_png_atomic,
+    png_bytes,
     to_tensor,
+    write_files_atomic,
 )
 from zegkit.methods import Method, create_method, method_name
 from zegkit.scores import DenseScores, class_probabilities
-from zegkit.text import TextEmbeddings, encode_vocabulary
+from zegkit.text import TextEmbeddings, encode_vocabulary, parse_classes
 from zegkit.viz import class_fractions, label_png, overlay
 
 INFERENCE_FIELDS = frozenset(f.name for f in fields(InferenceConfig))
@@ -70,21 +73,39 @@ class Segmentation:
         """The image with the label colours blended over it and a legend beside it."""
         return overlay(image, self.labels, self.class_names, alpha=alpha, ignore_index=None)
 
+    def output_paths(self, out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
+        """Where `save` writes, by kind: <stem>_labels.png, <stem>_overlay.png, <stem>.json."""
+        return output_paths(out_dir, stem)
+
     def save(self, out_dir: str | os.PathLike, stem: str, image: ImageSource) -> dict[str, Path]:
-        """Write <stem>_labels.png (palette), <stem>_overlay.png and <stem>.json, each atomically.
+        """Write <stem>_labels.png, <stem>_overlay.png and <stem>.json as one unit.
+
+        All three are rendered in memory first, then written together (`write_files_atomic`):
+        a failure (unwritable folder, full disk, Ctrl-C) leaves an earlier result of the same
+        stem as it was, and nothing half-written. The label map is a palette PNG for up to 255
+        classes and a 16-bit greyscale PNG (pixel value = class index) beyond.
 
         Returns:
             The written paths by kind ("labels", "overlay", "json").
+
+        Raises:
+            ValueError: non-finite scores, or `image` is a path `save` would overwrite.
+            OSError: the files could not be written (nothing changed).
         """
+        if not np.isfinite(self.scores).all():
+            raise ValueError(
+                f"The scores of {stem!r} are not finite (NaN or infinity), so its outputs were "
+                "not written; check the method settings (logit_scale, --set values)."
+            )
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {
-            "labels": out / f"{stem}_labels.png",
-            "overlay": out / f"{stem}_overlay.png",
-            "json": out / f"{stem}.json",
-        }
-        save_png_atomic(label_png(self.labels, self.class_names), paths["labels"])
-        save_png_atomic(self.overlay(image), paths["overlay"])
+        paths = output_paths(out, stem)
+        if isinstance(image, (str, os.PathLike)) and any(
+            _same_file(path, Path(image)) for path in paths.values()
+        ):
+            raise ValueError(
+                f"Saving {stem!r} into {out} would overwrite its input {image}; choose another "
+                "output folder."
+            )
         summary = {
             "classes": self.class_names,
             "height": int(self.labels.shape[0]),
@@ -93,8 +114,29 @@ class Segmentation:
             "mean_scores": dict(zip(self.class_names, map(float, self.scores), strict=True)),
             "settings": self.settings,
         }
-        save_json_atomic(summary, paths["json"])
+        contents = {
+            paths["labels"]: png_bytes(label_png(self.labels, self.class_names)),
+            paths["overlay"]: png_bytes(self.overlay(image)),
+            paths["json"]: json_text(summary, paths["json"]).encode("utf-8"),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        write_files_atomic(contents)
         return paths
+
+
+def output_paths(out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
+    """The three files `Segmentation.save` writes for `stem` into `out_dir`, by kind."""
+    out = Path(out_dir)
+    return {
+        "labels": out / f"{stem}_labels.png",
+        "overlay": out / f"{stem}_overlay.png",
+        "json": out / f"{stem}.json",
+    }
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one file (resolving links and relative parts)."""
+    return first.exists() and second.exists() and os.path.samefile(first, second)
 
 
 class Segmenter:
@@ -122,9 +164,21 @@ class Segmenter:
         self.config = config or InferenceConfig()
         self.templates = method.default_templates() if templates is None else templates
         self.protocol = protocol
+        self._check_crop()
         self.refiners = self._build_refiners()
         self.text: TextEmbeddings | None = None
-        self._vocabularies: dict[tuple, TextEmbeddings] = {}
+        self._background: int | None = None  # class index below-threshold pixels get
+        self._vocabularies: dict[tuple, tuple[TextEmbeddings, int | None]] = {}
+
+    def _check_crop(self) -> None:
+        """A sliding window must hold at least one of the backbone's patches."""
+        patch = self.backbone.patch_size
+        if self.config.mode == "slide" and self.config.crop < patch:
+            raise ValueError(
+                f"crop ({self.config.crop} px) is smaller than the model's patch size ({patch} "
+                f"px), so a window holds no patch; use a crop of at least {patch} (CLIP's "
+                f"training size {self.backbone.image_size} is usual)."
+            )
 
     def _build_refiners(self) -> list[nn.Module]:
         """The method's own refiners, then the user's `refine` chain, on the backbone's device."""
@@ -159,13 +213,18 @@ class Segmenter:
         """Use `classes` (each "name" or "name; synonym; ...") from now on; embeds them once.
 
         Raises:
-            ValueError: empty, blank or duplicate class names (see zegkit.text.parse_classes).
+            ValueError: empty, blank or duplicate class names (see zegkit.text.parse_classes);
+                a background threshold is set but no class is named "background".
         """
         templates = self.templates if templates is None else templates
         key = (tuple(classes), templates if isinstance(templates, str) else tuple(templates))
         if key not in self._vocabularies:
-            self._vocabularies[key] = encode_vocabulary(self.backbone, classes, templates=templates)
-        self.text = self._vocabularies[key]
+            background = None
+            if self.config.background_threshold is not None:
+                background = background_class(parse_classes(classes))
+            embedded = encode_vocabulary(self.backbone, classes, templates=templates)
+            self._vocabularies[key] = embedded, background
+        self.text, self._background = self._vocabularies[key]
         return self.text
 
     def _require_text(self) -> TextEmbeddings:
@@ -178,17 +237,17 @@ class Segmenter:
 
     @torch.no_grad()
     def scores(self, images: Tensor) -> DenseScores:
-        """The method's refined scores at the images' resolution, for images (B, 3, H, W) in [0, 1].
+        """The method's refined scores at the images' resolution.
+
+        Args:
+            images: (B, 3, H, W), float with values in [0, 1] or uint8 (0..255, scaled by 1/255).
 
         Raises:
-            ValueError: images of another layout.
+            TypeError: not a torch tensor.
+            ValueError: another layout, no pixels, or values outside [0, 1].
         """
         text = self._require_text()
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}."
-            )
-        images = images.to(self.backbone.device, torch.float32)
+        images = unit_images(images).to(self.backbone.device)
         height, width = images.shape[-2:]
         size = resized_size(height, width, self.config.short_side)
         pixels = self.method.normalize(self.backbone, resize(images, size))
@@ -199,8 +258,19 @@ class Segmenter:
         return scores
 
     def probabilities(self, images: Tensor) -> Tensor:
-        """Class probabilities (B, K, H, W) for images (B, 3, H, W) with values in [0, 1]."""
-        return class_probabilities(self.scores(images), self._require_text())
+        """Class probabilities (B, K, H, W) for images (B, 3, H, W) in [0, 1] (or uint8).
+
+        Raises:
+            ValueError: bad images (see `scores`), or the method produced NaN or infinity.
+        """
+        probabilities = class_probabilities(self.scores(images), self._require_text())
+        if not torch.isfinite(probabilities).all():
+            raise ValueError(
+                f"Method {method_name(self.method)!r} produced NaN or infinite scores with "
+                f"settings {jsonable(asdict(self.method.config))}; check them (a logit_scale "
+                "must be a positive finite number, e.g. NACLIP's gaussian_std must be > 0)."
+            )
+        return probabilities
 
     def _stitched_scores(self, pixels: Tensor, text: TextEmbeddings) -> Tensor:
         """The method's scores (B, R, h, w) over the resized image, by the configured mode."""
@@ -216,7 +286,13 @@ class Segmenter:
 
     def predict(self, images: Tensor) -> Tensor:
         """Labels (B, H, W) for images (B, 3, H, W) in [0, 1]; background threshold applied."""
-        return decide_labels(self.probabilities(images), self.config.background_threshold)
+        return self.decide(self.probabilities(images))
+
+    def decide(self, probabilities: Tensor) -> Tensor:
+        """Labels (B, H, W) of class probabilities (B, K, H, W): the most probable class, or the
+        "background" class where that is below the background threshold."""
+        self._require_text()
+        return decide_labels(probabilities, self.config.background_threshold, self._background)
 
     def segment(self, image: ImageSource, classes: Sequence[str] | None = None) -> Segmentation:
         """Segment one image (path, PIL image or array) with `classes` or the current vocabulary."""
@@ -224,7 +300,7 @@ class Segmenter:
             self.set_vocabulary(classes)
         text = self._require_text()
         probabilities = self.probabilities(to_tensor(load_image(image))[None])
-        labels = decide_labels(probabilities, self.config.background_threshold)
+        labels = self.decide(probabilities)
         return Segmentation(
             labels=labels[0].cpu().numpy().astype(np.int64),
             class_names=list(text.class_names),

@@ -26,6 +26,8 @@ from zegkit.io import ImageSource, load_image
 
 # A "P" image has 256 entries; 255 is IGNORE_INDEX, so it can hold classes 0..254.
 MAX_PALETTE_CLASSES = 255
+# Beyond that, label PNGs are 16-bit greyscale: class indices 0..65534 (65535 kept free).
+MAX_LABEL_PNG_CLASSES = 65535
 # Three bits of the index go into R, G, B per round; 8 rounds fill 8 bits per channel.
 _VOC_ROUNDS = 8
 MAX_PALETTE_SIZE = 2 ** (3 * _VOC_ROUNDS) - 1  # distinct colours (black excluded)
@@ -108,8 +110,22 @@ def label_image(labels: np.ndarray, num_classes: int) -> Image.Image:
 
 
 def label_png(labels: np.ndarray, class_names: Sequence[str]) -> Image.Image:
-    """`label_image(labels, len(class_names))`, for callers that hold the class names."""
-    return label_image(labels, len(_check_names(class_names)))
+    """The label map as an image to save as PNG: `label_image` (palette) for up to 255 classes;
+    beyond, a 16-bit greyscale image whose pixel value is the class index (no palette: a "P"
+    image has 256 entries).
+
+    Raises:
+        ValueError: bad labels or names, or more than 65535 classes.
+    """
+    names = _check_names(class_names)
+    if len(names) <= MAX_PALETTE_CLASSES:
+        return label_image(labels, len(names))
+    if len(names) > MAX_LABEL_PNG_CLASSES:
+        raise ValueError(
+            f"A 16-bit label PNG holds at most {MAX_LABEL_PNG_CLASSES} classes; got {len(names)}."
+        )
+    labels = _check_labels(labels, len(names), None)
+    return Image.fromarray(labels.astype(np.uint16))  # mode "I;16"
 
 
 def class_fractions(

@@ -34,7 +34,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from zegkit.data.base import IGNORE_INDEX
-from zegkit.inference import decide_labels
 from zegkit.io import SUPPORTED_FORMATS, load_image, to_tensor
 from zegkit.segmenter import Segmentation, Segmenter, load_segmenter
 from zegkit.serve import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB
@@ -191,7 +190,7 @@ def run_segmentation(segmenter: Segmenter, image: Image.Image) -> tuple[Segmenta
     if text is None:
         raise RuntimeError("No vocabulary set: call segmenter.set_vocabulary([...]) first.")
     probabilities = segmenter.probabilities(to_tensor(image)[None])  # (1, K, H, W)
-    labels = decide_labels(probabilities, segmenter.config.background_threshold)  # (1, H, W)
+    labels = segmenter.decide(probabilities)  # (1, H, W)
     confidence = probabilities.gather(1, labels[:, None])[0, 0]  # (H, W)
     segmentation = Segmentation(
         labels=labels[0].cpu().numpy().astype(np.int64),
