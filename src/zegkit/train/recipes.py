@@ -251,8 +251,8 @@ _SYNTHETIC = (
 )
 # PACL on the proving ground's captions only (no masks), the tiny CLIP frozen. From the paper's
 # recipe (R in shared/research/pacl.md): AdamW lr 5e-4, weight decay 0.2; the loop's poly decay
-# stands in for its cosine schedule. Not a paper recipe: 16,000 images, about 45 minutes at the
-# 5.7 images/s measured on 2 shared CPU cores with bf16 autocast.
+# stands in for its cosine schedule. Not a paper recipe: 16,000 images, about 15 minutes at the
+# ~18 images/s measured on 2 CPU cores with bf16 autocast.
 _PACL_SYNTHETIC = Recipe(
     name="pacl-synthetic", method="pacl", dataset="synthetic-captions",
     protocol="zegkit-synthetic", model="zegkit/tiny-synthetic", iterations=250, batch_size=64,
