@@ -425,42 +425,35 @@ def test_write_files_atomic_replaces_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
 
 
-def test_write_files_atomic_failed_staging_changes_nothing(tmp_path, monkeypatch):
-    import zegkit.io as zio
+def _fail_on_call(number, real, error):
+    """`real`, except that its `number`-th call raises `error` (a fault injected mid-write)."""
+    calls = 0
+
+    def wrapper(*args):
+        nonlocal calls
+        calls += 1
+        if calls == number:
+            raise error
+        return real(*args)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("where, name, number, error", [
+    ("zegkit.io", "_write_synced", 3, OSError(28, "No space left on device")),  # staging file 3
+    ("os", "replace", 4, KeyboardInterrupt()),  # after the first target is placed
+])
+def test_write_files_atomic_failure_changes_nothing(tmp_path, monkeypatch, where, name, number,
+                                                     error):
+    import importlib
+
+    from zegkit.io import write_files_atomic
 
     paths, before = _unit_files(tmp_path)
-    real = zio._write_synced
-    calls = []
-
-    def full_disk(path, data):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        real(path, data)
-
-    monkeypatch.setattr(zio, "_write_synced", full_disk)
-    with pytest.raises(OSError, match="No space"):
-        zio.write_files_atomic({path: b"new" for path in paths})
-    assert {path: path.read_bytes() for path in paths} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
-
-
-def test_write_files_atomic_failed_rename_restores_old(tmp_path, monkeypatch):
-    import zegkit.io as zio
-
-    paths, before = _unit_files(tmp_path)
-    real = os.replace
-    renames = []
-
-    def failing_replace(source, target):
-        renames.append(target)
-        if len(renames) == 4:  # after the first target is placed, while placing the second
-            raise KeyboardInterrupt
-        real(source, target)
-
-    monkeypatch.setattr(zio.os, "replace", failing_replace)
-    with pytest.raises(KeyboardInterrupt):
-        zio.write_files_atomic({path: b"new" for path in paths})
+    module = importlib.import_module(where)
+    monkeypatch.setattr(module, name, _fail_on_call(number, getattr(module, name), error))
+    with pytest.raises(type(error)):
+        write_files_atomic({path: b"new" for path in paths})
     assert {path: path.read_bytes() for path in paths} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
 
