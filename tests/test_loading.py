@@ -307,3 +307,64 @@ def test_shipped_model_missing_from_installation(monkeypatch, tmp_path):
     monkeypatch.setitem(loading.SHIPPED_MODELS, "zegkit/tiny-synthetic", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="missing from this installation"):
         load_clip_model("zegkit/tiny-synthetic")
+
+
+# --------------------------------------------------------------------------- damaged weights
+
+
+def _copy_without_weights(source, target):
+    shutil.copytree(source, target)
+    (target / "model.safetensors").unlink()
+    return target
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_damaged_safetensors_in_a_model_directory_names_the_file(tmp_path, tiny_clip_dir, damage):
+    data = (tiny_clip_dir / "model.safetensors").read_bytes()
+    folder = _copy_without_weights(tiny_clip_dir, tmp_path / "model")
+    weights = folder / "model.safetensors"
+    weights.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
+                         "garbage": b"\x07" * 64}[damage])
+    with pytest.raises(RuntimeError, match="Could not read the model weights") as caught:
+        load_clip_model(folder)
+    assert str(weights) in str(caught.value)
+
+
+def test_truncated_pytorch_model_bin_names_the_file(tmp_path, tiny_clip_dir):
+    folder = _copy_without_weights(tiny_clip_dir, tmp_path / "model")
+    weights = folder / "pytorch_model.bin"
+    torch.save(CLIPModel.from_pretrained(tiny_clip_dir).state_dict(), weights)
+    weights.write_bytes(weights.read_bytes()[:4096])
+    with pytest.raises(RuntimeError, match="Could not read the model weights") as caught:
+        load_clip_model(folder)
+    assert str(weights) in str(caught.value)
+
+
+class _RunsCode:
+    """Unpickling this calls Path.touch(marker): the payload of a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("where", ["pytorch_model.bin in a model directory", "checkpoint file"])
+def test_malicious_pickle_never_runs(tmp_path, tiny_clip_dir, where):
+    marker = tmp_path / "code-ran"
+    payload = {"visual.proj": torch.zeros(2), "evil": _RunsCode(marker)}
+    if where == "checkpoint file":
+        source = tmp_path / "ViT-B-16.pt"
+        torch.save(payload, source)
+    else:
+        source = _copy_without_weights(tiny_clip_dir, tmp_path / "model")
+        torch.save(payload, source / "pytorch_model.bin")
+    with pytest.raises(RuntimeError, match="Could not read"):
+        load_clip_model(source, tokenizer_source=tiny_clip_dir)
+    assert not marker.exists()
+
+
+def test_loading_prints_no_progress_bar(tiny_clip_dir, capfd):
+    load_clip_model(tiny_clip_dir)
+    assert "Loading weights" not in capfd.readouterr().err

@@ -17,12 +17,13 @@ tensor is an error naming it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,6 +32,7 @@ from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from zegkit.backbone import DEFAULT_MODEL
 from zegkit.backbone.convert import TOKEN_EMBEDDING_KEY, convert_openai_state_dict
@@ -49,6 +51,8 @@ OPENAI_CHECKPOINT_REPOS = {
     "ViT-L-14-336.pt": "openai/clip-vit-large-patch14-336",
 }
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+# The weight files of a Hugging Face model directory, in the order transformers prefers them.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CLIP_MODEL_TYPE = "clip"  # config.json "model_type" of transformers' CLIPModel
 DEFAULT_ACTIVATION = "quick_gelu"  # OpenAI CLIP's MLP activation
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "namespace/name"
@@ -170,15 +174,46 @@ def _load_hf(resolved: _Source, tokenizer_source: str | os.PathLike | None,
     """Load a Hugging Face-format CLIP (directory or hub id) and its tokenizer."""
     _check_model_type(resolved)
     try:
-        model, info = CLIPModel.from_pretrained(
-            resolved.location, dtype=torch.float32, output_loading_info=True,
-            ignore_mismatched_sizes=True)
+        with _quiet_progress():
+            model, info = CLIPModel.from_pretrained(
+                resolved.location, dtype=torch.float32, output_loading_info=True,
+                ignore_mismatched_sizes=True)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile,
+            RuntimeError) as err:  # torch's RuntimeError: a truncated pytorch_model.bin
+        raise RuntimeError(_unreadable_weights_message(resolved, err)) from None
     except OSError as err:
         raise FileNotFoundError(_missing_model_message(resolved, "weights")) from err
     _check_loading_info(info, resolved.name)
     tokenizer_location = resolved.location if tokenizer_source is None else tokenizer_source
     tokenizer, tokenizer_name = _load_tokenizer(tokenizer_location, resolved.name)
     return model, tokenizer, tokenizer_name
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar (printed on every run) while loading, then put
+    back whatever the caller had set."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _unreadable_weights_message(resolved: _Source, error: Exception) -> str:
+    """Name the weights file that cannot be read (truncated, empty, corrupt, or pickled code)."""
+    where = repr(resolved.name)
+    if isinstance(resolved.location, Path):
+        present = [name for name in HF_WEIGHT_FILES if (resolved.location / name).is_file()]
+        where = str(resolved.location / present[0]) if present else where
+    return (
+        f"Could not read the model weights {where}: {error}. The file is empty, truncated or "
+        "corrupt, or a pickle holding more than tensors (zegkit never runs pickled code); "
+        "re-download it (`hf download <repo> --local-dir DIR`) or write it again with "
+        "CLIPModel.save_pretrained(DIR)."
+    )
 
 
 def _check_model_type(resolved: _Source) -> None:
