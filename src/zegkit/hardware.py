@@ -46,3 +46,39 @@ def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype:
     if precision in ("fp32", "bf16"):
         return torch.float32 if precision == "fp32" else torch.bfloat16
     raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}.")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device `device` names, refused up front where this machine lacks it, instead of
+    torch's assertion deep in the first `.to(device)` (or a silent run elsewhere).
+
+    Raises:
+        ValueError: not a device name torch knows.
+        RuntimeError: a CUDA device without CUDA (a CPU-only build of torch, no GPU, or an index
+            past the GPUs there are), or MPS where it is not available.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"Unknown device {device!r} ({error}); use cpu, cuda, cuda:N or mps.") \
+            from None
+    if parsed.type == "cuda":
+        _check_cuda(device, parsed.index)
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"Device {device!r}: MPS is not available on this machine; use "
+                           "--device cpu.")
+    return parsed
+
+
+def _check_cuda(device: str | torch.device, index: int | None) -> None:
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise RuntimeError(
+            f"Device {str(device)!r} asked for, but CUDA is not available (torch "
+            f"{torch.__version__}, {build}, no usable NVIDIA GPU). Use --device cpu, or run on a "
+            "machine with an NVIDIA GPU and a CUDA build of torch."
+        )
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise RuntimeError(f"Device {str(device)!r}: this machine has {count} CUDA device(s), "
+                           f"cuda:0..cuda:{count - 1}.")

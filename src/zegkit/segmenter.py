@@ -20,7 +20,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from zegkit.backbone import DEFAULT_MODEL, ClipBackbone, load_clip
+from zegkit.config import check_setting_types
 from zegkit.data.protocols import Protocol, get_protocol
+from zegkit.hardware import check_device
 from zegkit.inference import (
     PRECISIONS,
     InferenceConfig,
@@ -357,16 +359,22 @@ def load_segmenter(
             settings (e.g. logit_scale=50); None values are ignored.
 
     Raises:
-        ValueError: unknown method, protocol or setting, listing the valid ones; a trained
-            method without `checkpoint`.
-        RuntimeError: a checkpoint made for another method or backbone.
+        ValueError: unknown method, protocol or setting, listing the valid ones, or a setting of
+            the wrong type or range (all checked before any weights load); a trained method
+            without `checkpoint`.
+        RuntimeError: a checkpoint made for another method or backbone; a device this machine
+            does not have (e.g. "cuda" without CUDA).
     """
     chosen = get_protocol(protocol) if isinstance(protocol, str) else protocol
     method_settings, inference = resolve_settings(method, chosen, settings)
+    # Every setting is checked before the weights load (seconds to minutes for a large CLIP).
+    check_setting_types(InferenceConfig, inference, "The inference")
+    config = InferenceConfig(**inference)
+    built = None if checkpoint is not None else create_method(method, **method_settings)
+    check_device(device)
     if backbone is None:
         backbone = load_clip(model, device=device, tokenizer_source=tokenizer)
-    if checkpoint is None:
-        built = create_method(method, **method_settings)
+    if built is not None:
         built.build(backbone)
         if built.trainable:
             raise ValueError(
@@ -381,7 +389,7 @@ def load_segmenter(
     return Segmenter(
         backbone,
         built,
-        InferenceConfig(**inference),
+        config,
         templates=templates,
         protocol=None if chosen is None else chosen.name,
     )

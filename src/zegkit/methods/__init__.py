@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
+from zegkit.config import check_setting_types
 from zegkit.methods.base import Method, MethodConfig
 from zegkit.methods.cascade_clip import CascadeCLIP, CascadeCLIPConfig
 from zegkit.methods.clearclip import ClearCLIP, ClearCLIPConfig
@@ -39,7 +40,8 @@ def create_method(name: str, **overrides: object) -> Method:
     """Build method `name` from its default config with keyword `overrides` (None values ignored).
 
     Raises:
-        ValueError: unknown method name or unknown config field, listing the valid ones.
+        ValueError: unknown method name or unknown config field, listing the valid ones; a value
+            of the wrong type for its field (e.g. a string for a number).
     """
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r}; available: {', '.join(sorted(METHODS))}.")
@@ -50,6 +52,7 @@ def create_method(name: str, **overrides: object) -> Method:
         raise ValueError(
             f"Method {name!r} has no setting(s) {unknown}; its settings are {sorted(valid)}."
         )
+    check_setting_types(config_class, overrides, f"Method {name!r}")
     config = replace(config_class(), **{k: v for k, v in overrides.items() if v is not None})
     return method_class(config)
 

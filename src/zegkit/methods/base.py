@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zegkit.backbone import BlockSurgery, ClipBackbone
+from zegkit.config import check_positive_finite
 from zegkit.scores import Activation
 from zegkit.text import TextEmbeddings
 
@@ -55,8 +56,8 @@ class MethodConfig:
     logit_scale: float = 40.0
 
     def __post_init__(self) -> None:
-        if self.logit_scale <= 0:
-            raise ValueError(f"logit_scale must be positive, got {self.logit_scale}.")
+        # 0 or a negative scale inverts or flattens the ranking, NaN/inf make every score NaN.
+        check_positive_finite("logit_scale", self.logit_scale)
 
 
 @dataclass
