@@ -192,6 +192,6 @@ def test_eval_passes_device_and_tokenizer_to_the_model(synthetic_root, tmp_path,
 
     monkeypatch.setattr(zegkit.segmenter, "load_clip", fake_load_clip)
     status = _eval("some/model", synthetic_root, tmp_path / "r.json", "sclip",
-                   "--device", "fake:3", "--tokenizer", "tok/dir")
+                   "--device", "cpu:0", "--tokenizer", "tok/dir")
     assert status == 2 and "stopped after recording" in capsys.readouterr().err
-    assert seen == {"source": "some/model", "device": "fake:3", "tokenizer": "tok/dir"}
+    assert seen == {"source": "some/model", "device": "cpu:0", "tokenizer": "tok/dir"}

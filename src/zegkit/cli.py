@@ -4,27 +4,47 @@
     zegkit methods
 
 `main(argv)` is callable from tests. Every flag that mirrors a library setting defaults to None and
-is forwarded only when given, so each default lives once, in the library.
+is forwarded only when given, so each default lives once, in the library. Only the chosen
+command's arguments are built, and heavy modules (torch, transformers) are imported inside the
+commands, so `zegkit --help` and argument errors come back at once. Exit status: 0 done, 1 some
+images skipped (`--skip-errors`), 2 bad input (with a message), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
+from zegkit.config import check_positive_finite
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
+# OSError covers unwritable and full disks, FileNotFoundError and NotADirectoryError.
+USER_ERRORS = (ValueError, OSError, RuntimeError)
+EXIT_SKIPPED = 1  # some images were skipped (--skip-errors); the others' outputs are complete
+EXIT_USAGE = 2  # bad input: the message says what and how to fix it
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT (128 + 2)
 
 
 def parse_class_list(text: str) -> list[str]:
     """Split a --classes value: classes separated by ',', synonyms within a class by ';'."""
     return [entry.strip() for entry in text.split(",")]
+
+
+def positive_finite(text: str) -> float:
+    """An argparse type: a number > 0 that is neither NaN nor infinite (e.g. --logit-scale)."""
+    try:
+        value = float(text)
+        check_positive_finite("the value", value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive finite number, got {text!r} (0 or less inverts or flattens the "
+            "scores; NaN and infinity make them NaN)"
+        ) from None
+    return value
 
 
 def _default(config: type, name: str) -> object:
@@ -51,7 +71,7 @@ def _setting_flags() -> list[tuple[str, type, tuple | None, str, type | None]]:
          "pixels whose best class probability is below this get class 0", InferenceConfig),
         ("--refine", str, None, "refiners after the method's own: none, pamr, diffusion, or "
          "names joined by '+'", InferenceConfig),
-        ("--logit-scale", float, None, "the method's softmax temperature over classes "
+        ("--logit-scale", positive_finite, None, "the method's softmax temperature over classes "
          "(default: the method's paper value)", None),
     ]
 
@@ -176,34 +196,61 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="file with one class per line (synonyms separated by ';' or ',')",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder (created if missing; it may not be a file)")
+    parser.add_argument("--skip-errors", action="store_true",
+                        help="skip images that cannot be read, list them at the end and exit "
+                        f"with status {EXIT_SKIPPED} (default: stop at the first)")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="skip images whose three outputs are in --out already, to resume an "
+                        "interrupted run (default: segment every image)")
     add_model_arguments(parser)
 
 
-def collect_images(inputs: Sequence[str]) -> list[Path]:
-    """Expand files and folders into image paths, checking every one is readable first.
+def read_classes(args: argparse.Namespace) -> list[str]:
+    """The classes of --classes or --classes-file, checked (names, count) before any model loads.
 
     Raises:
-        FileNotFoundError: an input does not exist.
-        ValueError: a file is not a readable image, or two inputs share a file name (their outputs
-            would overwrite each other).
+        ValueError: empty, blank or duplicate names, or more classes than a label PNG holds.
     """
-    from zegkit.io import list_images
+    from zegkit.text import parse_classes, read_class_file
+    from zegkit.viz import MAX_LABEL_PNG_CLASSES
+
+    classes = (
+        read_class_file(args.classes_file) if args.classes_file else parse_class_list(args.classes)
+    )
+    parse_classes(classes)
+    if len(classes) > MAX_LABEL_PNG_CLASSES:
+        raise ValueError(
+            f"{len(classes)} classes given; a label map (16-bit PNG) holds at most "
+            f"{MAX_LABEL_PNG_CLASSES}. Split the vocabulary over several runs."
+        )
+    return classes
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Image paths of the files and folders given (folders: their images, not sub-folders).
+
+    Raises:
+        FileNotFoundError: an input does not exist, or a folder holds no images.
+        ValueError: two inputs share a file name (their outputs would overwrite each other).
+    """
+    from zegkit.io import IMAGE_EXTENSIONS, list_images
 
     paths: list[Path] = []
     for item in map(Path, inputs):
         if not item.exists():
             raise FileNotFoundError(f"Input {str(item)!r} does not exist.")
-        paths.extend(list_images(item) if item.is_dir() else [item])
-    for path in paths:
+        if not item.is_dir():
+            paths.append(item)
+            continue
         try:
-            with Image.open(path) as image:
-                image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(
-                f"{str(path)!r} is not a readable image ({error}); pass PNG, JPEG, BMP, TIFF or "
-                "WebP files."
-            ) from error
+            paths.extend(list_images(item))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"Folder {str(item)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+                "sub-folders are not searched: pass each one as an input."
+            ) from None
     stems = [path.stem for path in paths]
     repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
     if repeated:
@@ -214,23 +261,166 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
-def run_segment(args: argparse.Namespace) -> None:
-    from zegkit.text import parse_classes, read_class_file
+def readable_images(paths: Sequence[Path], *, skip_errors: bool = False,
+                    ) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(readable paths, [(path, why)] of the others), from each file's header.
 
-    classes = (
-        read_class_file(args.classes_file) if args.classes_file else parse_class_list(args.classes)
-    )
-    parse_classes(classes)  # validate before loading anything heavy
-    images = collect_images(args.inputs)
+    Raises:
+        ValueError: a file that is not a readable image, unless `skip_errors`.
+    """
+    from zegkit.io import check_image_file
+
+    readable, skipped = [], []
+    for path in paths:
+        try:
+            check_image_file(path)
+        except (ValueError, OSError) as error:
+            if not skip_errors:
+                raise
+            skipped.append((path, str(error)))
+        else:
+            readable.append(path)
+    return readable, skipped
+
+
+def collect_images(inputs: Sequence[str]) -> list[Path]:
+    """Expand files and folders into image paths, checking every one is readable first.
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+        ValueError: a file is not a readable image, or two inputs share a file name (their outputs
+            would overwrite each other).
+    """
+    return readable_images(expand_inputs(inputs))[0]
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """Refuse, before any work, an output folder that is a file, lies under a file, or cannot be
+    written (read-only file system, no permission). A missing folder is fine: it is created.
+
+    Raises:
+        ValueError: naming `flag`, the folder and what is wrong.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder} is a file, not a folder; give a folder path (it is "
+                         "created if missing).")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {folder} lies under {existing}, which is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: {existing} cannot be written (read-only file system "
+                         "or no permission); choose another folder.")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Refuse, before any work, an output file path that is a folder or cannot be written.
+
+    Raises:
+        ValueError: naming `flag`, the path and what is wrong.
+    """
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file path, e.g. "
+                         f"{path / 'result.json'}.")
+    check_output_folder(path.parent, flag)
+
+
+def check_outputs_spare_inputs(images: Sequence[Path], out: Path) -> None:
+    """Refuse a run in which an image's output would replace an input (a user's own
+    x_labels.png beside x.png, or outputs of an earlier run in the input folder).
+
+    Raises:
+        ValueError: naming the output, the image it belongs to, and the input it would replace.
+    """
+    from zegkit.segmenter import output_paths
+
+    inputs = {_file_id(path): path for path in images}
+    for image in images:
+        for kind, target in output_paths(out, image.stem).items():
+            clash = inputs.get(_file_id(target)) if target.exists() else None
+            if clash is not None:
+                raise ValueError(
+                    f"The {kind} output of {image} would be written over the input {clash}. "
+                    "Choose an --out folder that holds none of the inputs (outputs of an "
+                    "earlier run beside the images are read as inputs too)."
+                )
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """(device, inode): one file whatever the path (links, relative parts)."""
+    status = path.stat()
+    return status.st_dev, status.st_ino
+
+
+def has_outputs(out: Path, stem: str) -> bool:
+    """Whether the three outputs of `stem` are in `out` (written as one unit, so complete)."""
+    from zegkit.segmenter import output_paths
+
+    return all(path.is_file() for path in output_paths(out, stem).values())
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """Check everything that can be checked, load the model, segment each image."""
+    classes = read_classes(args)
+    check_output_folder(args.out, "--out")
+    paths = expand_inputs(args.inputs)
+    check_outputs_spare_inputs(paths, args.out)
+    images, skipped = readable_images(paths, skip_errors=args.skip_errors)
+    if args.skip_existing:
+        todo = [path for path in images if not has_outputs(args.out, path.stem)]
+        print(f"Skipping {len(images) - len(todo)} image(s) whose outputs exist in {args.out}")
+        images = todo
     segmenter = build_segmenter(args)
     segmenter.set_vocabulary(classes)
-    progress = tqdm(images, unit="image", disable=len(images) < 2)
-    for path in progress:
-        progress.set_postfix_str(path.name)
-        written = segmenter.segment(path).save(args.out, path.stem, path)
-        if len(images) < 2:
-            print("\n".join(str(p) for p in written.values()))
-    print(f"Segmented {len(images)} image(s) into {args.out}")
+    failed = segment_images(segmenter, images, args.out, skip_errors=args.skip_errors)
+    print(f"Segmented {len(images) - len(failed)} image(s) into {args.out}")
+    skipped += failed
+    if skipped:
+        print(f"Skipped {len(skipped)} image(s) that could not be read:", file=sys.stderr)
+        for path, why in skipped:
+            print(f"  {path}: {why}", file=sys.stderr)
+        return EXIT_SKIPPED
+    return 0
+
+
+def segment_images(segmenter, images: Sequence[Path], out: Path, *, skip_errors: bool,
+                   ) -> list[tuple[Path, str]]:
+    """Segment and save each image (its three outputs as one unit); returns the skipped ones.
+
+    On Ctrl-C, says how far it got and re-raises: every image saved so far is complete, the one
+    in progress left nothing (see `Segmentation.save`).
+
+    Raises:
+        ValueError: an image that cannot be decoded, unless `skip_errors`.
+    """
+    from tqdm import tqdm
+
+    from zegkit.io import load_image
+
+    skipped: list[tuple[Path, str]] = []
+    saved = 0
+    try:
+        with tqdm(images, unit="image", disable=len(images) < 2) as progress:
+            for path in progress:
+                progress.set_postfix_str(path.name)
+                try:
+                    image = load_image(path)  # damage the header check could not see
+                except ValueError as error:
+                    if not skip_errors:
+                        raise
+                    skipped.append((path, str(error)))
+                    continue
+                written = segmenter.segment(image).save(out, path.stem, image)
+                saved += 1
+                if len(images) < 2:
+                    print("\n".join(str(p) for p in written.values()))
+    except KeyboardInterrupt:
+        print(f"Interrupted after {saved} of {len(images)} image(s); their outputs are complete "
+              "and nothing of the next was written. Rerun with --skip-existing to go on.",
+              file=sys.stderr)
+        raise
+    return skipped
 
 
 # ---- eval -----------------------------------------------------------------------------------
@@ -290,8 +480,14 @@ def run_eval(args: argparse.Namespace) -> None:
         run_eval_all,
     )
 
-    context = init_distributed(args.device)
+    from zegkit.hardware import check_device
+
     output = args.output or Path("results") / f"{args.dataset}_{args.method}.json"
+    check_output_file(output, "--output")
+    if args.progress_file is not None:
+        check_output_file(args.progress_file, "--progress-file")
+    check_device(args.device)
+    context = init_distributed(args.device)
     common = dict(
         model=args.model,
         device=args.device,
@@ -469,28 +665,34 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `zegkit` parser; only `command`'s arguments are built (they import torch), so the
+    command list and its help need no heavy import."""
     parser = argparse.ArgumentParser(
         prog="zegkit", description="Zero-shot semantic segmentation with CLIP."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        if add_arguments is not None:
+        if add_arguments is not None and name == command:
             add_arguments(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `zegkit` command; returns the exit status (2 for bad input, with a message)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the `zegkit` command; returns the exit status (EXIT_* above)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((item for item in argv if not item.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
-        COMMANDS[args.command][2](args)
+        status = COMMANDS[args.command][2](args)
+    except KeyboardInterrupt:
+        print(f"zegkit {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except USER_ERRORS as error:
         print(f"zegkit {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USAGE
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -347,15 +347,27 @@ def read_class_file(path: str | os.PathLike) -> list[str]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a blank line between classes, an empty synonym, a duplicate name, or no class.
+        ValueError: a folder, a file that is not UTF-8 text, a blank line between classes, an
+            empty synonym, a duplicate name, or no class; each message names the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"Class file {str(path)!r} is a folder; give a text file with one class per line "
+            f"(synonyms separated by ';' or ',')."
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"Class file {str(path)!r} does not exist. Give a text file with one class per line "
             f"(synonyms separated by ';' or ',')."
         )
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"Class file {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); "
+            "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
     while lines and not lines[-1].strip():
         lines.pop()
     entries: list[str] = []

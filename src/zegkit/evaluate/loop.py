@@ -33,7 +33,13 @@ from zegkit.evaluate.report import run_record
 
 
 class _Indexed(Dataset):
-    """Items of `dataset` at `indices`, each tagged with its dataset index."""
+    """Items of `dataset` at `indices`, each tagged with its dataset index.
+
+    A user-data error reading an item (a mask whose size differs from its image's, a corrupt
+    file) comes back as the item instead of being raised in the worker: DataLoader would re-raise
+    it as "Caught ValueError in DataLoader worker process 1. Original Traceback ...", hiding the
+    message that names the file. `_unwrap` raises it in the main process as it was.
+    """
 
     def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
         self.dataset, self.indices = dataset, list(indices)
@@ -41,9 +47,19 @@ class _Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple[int, tuple[Tensor, Tensor, str]]:
+    def __getitem__(self, position: int) -> tuple[int, tuple[Tensor, Tensor, str] | Exception]:
         index = self.indices[position]
-        return index, self.dataset[index]
+        try:
+            return index, self.dataset[index]
+        except (ValueError, OSError) as error:
+            return index, error
+
+
+def _unwrap(item: tuple[Tensor, Tensor, str] | Exception) -> tuple[Tensor, Tensor, str]:
+    """An item of `_Indexed`, or its reading error raised here, in the main process."""
+    if isinstance(item, Exception):
+        raise item
+    return item
 
 
 def _predict(segmenter: object, image: Tensor) -> Tensor:
@@ -130,7 +146,8 @@ def evaluate(
                disable=not progress or rank != 0, dynamic_ncols=True)
     start, since_save = time.perf_counter(), 0
     with torch.inference_mode(), bar:
-        for index, (image, mask, name) in loader:
+        for index, item in loader:
+            image, mask, name = _unwrap(item)
             bar.set_postfix_str(name, refresh=False)
             tally.add(index, confusion_matrix(_predict(segmenter, image), mask,
                                               dataset.num_classes, dataset.ignore_index))
