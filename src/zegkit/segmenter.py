@@ -330,6 +330,13 @@ def resolve_settings(
     return method_settings, inference
 
 
+def _recipes_of(method: str) -> list[str]:
+    """The names of the training recipes of `method` (for the message of a missing checkpoint)."""
+    from zegkit.train.recipes import RECIPES
+
+    return sorted(name for name, recipe in RECIPES.items() if recipe.method == method)
+
+
 def load_segmenter(
     method: str = "sclip",
     model: str | os.PathLike = DEFAULT_MODEL,
@@ -379,8 +386,8 @@ def load_segmenter(
         if built.trainable:
             raise ValueError(
                 f"Method {method!r} is trained: pass its weights with checkpoint= (CLI: "
-                f"--checkpoint runs/<name>/last.safetensors), written by `zegkit train --method "
-                f"{method} ...`."
+                f"--checkpoint runs/<name>/last.safetensors), written by `zegkit train --recipe "
+                f"<recipe> --out runs/<name>`; {method}'s recipes: {_recipes_of(method)}."
             )
     else:
         from zegkit.methods.checkpoint import load_method

@@ -37,7 +37,7 @@ CASES: dict[str, tuple[str, dict, dict]] = {
     "clearclip": ("clearclip", {}, {}),
     "naclip": ("naclip", {}, {}),
     "cliper-fusion-only": ("cliper", {"compensation": False}, {}),
-    "clsclip-training-free": ("clsclip", {}, {}),
+    "clsclip-standin": ("clsclip_standin", {}, {}),
     "sclip-whole": ("sclip", {}, {"mode": "whole"}),
     "naclip-pamr": ("naclip", {}, {"refine": "pamr"}),
     "maskclip-logit-scale-70": ("maskclip", {"logit_scale": 70.0}, {}),

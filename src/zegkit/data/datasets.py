@@ -20,6 +20,9 @@ context60 / context59     VOCdevkit/VOC2010: JPEGImages/*.jpg, SegmentationClass
                           1..59. context59 drops background (0 -> ignore, v -> v - 1).
 coco_stuff171             coco_stuff164k: images/<split>2017/*.jpg,
                           annotations/<split>2017/*_labelTrainIds.png (0..170, 255 = unlabelled).
+coco20i                   COCO 2014 as few-shot segmentation code reads it (HSNet, PFENet):
+                          <split>2014/*.jpg, annotations/<split>2014/<id>.png with 0 =
+                          background, 1..80 = the COCO things in category order, 255 = ignore.
 coco_object               images/<split>2017/*.jpg, annotations/<split>2017/*_instanceTrainIds.png
                           (0 = background, 1..80 = the COCO things); written from the COCO
                           instance JSON by ``zegkit.data.coco_object.convert_coco_object``.
@@ -59,6 +62,7 @@ from zegkit.text import read_class_file
 PathLike = str | os.PathLike
 # Dataset split name -> folder name, for layouts that spell splits differently.
 COCO_SPLIT_FOLDERS = {"val": "val2017", "train": "train2017"}
+COCO2014_SPLIT_FOLDERS = {"val": "val2014", "train": "train2014"}
 ADE_SPLIT_FOLDERS = {"val": "validation", "train": "training"}
 # VOC 2012 train + SBD, the training split of the VOC benchmarks, and its mask folder.
 VOC_TRAIN_AUG = "train_aug"
@@ -184,6 +188,20 @@ def coco_object(root: PathLike, split: str = "val") -> SegmentationDataset:
     samples = _coco_layout(root, split, "coco_object", "_instanceTrainIds.png")
     classes = shipped_class_names("coco_object")
     return SegmentationDataset(samples, classes, name="coco_object", root=root)
+
+
+def coco20i(root: PathLike, split: str = "val") -> SegmentationDataset:
+    """COCO 2014 with background + the 80 things, in the few-shot layout (module docstring),
+    the data of the COCO-20i fold protocols."""
+    root, name = Path(root).expanduser(), "coco20i"
+    folder = _split_folder(split, COCO2014_SPLIT_FOLDERS, name)
+    require_layout(root, name, [folder, f"annotations/{folder}"])
+    images = _files_with_suffix(root / folder, ".jpg")
+    if not images:
+        raise FileNotFoundError(f"{name}: no .jpg images in {root / folder}.")
+    masks = _files_with_suffix(root / "annotations" / folder, ".png")
+    samples = pair_by_stem(images, masks, name, f"annotations/{folder}/<id>.png")
+    return SegmentationDataset(samples, shipped_class_names("coco_object"), name=name, root=root)
 
 
 def cityscapes(root: PathLike, split: str = "val") -> SegmentationDataset:
@@ -345,6 +363,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "context59": DatasetInfo(_context59, "Pascal Context val, 59 classes, background ignored"),
     "coco_stuff171": DatasetInfo(coco_stuff, "COCO-Stuff 164k val, 171 classes"),
     "coco_object": DatasetInfo(coco_object, "COCO val2017, 80 thing classes + background"),
+    "coco20i": DatasetInfo(coco20i, "COCO 2014 val, 80 things + background (COCO-20i folds)"),
     "cityscapes19": DatasetInfo(cityscapes, "Cityscapes val, 19 classes"),
     "ade150": DatasetInfo(ade20k, "ADE20K val, 150 classes"),
     "folder": DatasetInfo(image_folder, "a folder of images, optional masks/, classes.txt"),

@@ -46,6 +46,21 @@ Sources:
   the sliding-window mix of some configs; so numbers can differ from CLIPer's table.
 - ``zegkit-synthetic``: zegkit's synthetic proving ground; seen/unseen come from the dataset's
   split.json.
+- ``pascal-5i-fold{0..3}``, ``coco-20i-fold{0..3}`` (fold sets ``pascal-5i``, ``coco-20i``): the
+  few-shot segmentation benchmarks ClsCLIP reports (shared/research/clsclip.md §5). PASCAL-5i
+  (Shaban et al., arXiv 1709.03410): VOC 2012 + SBD, fold i = VOC classes 5i+1..5i+5 in VOC
+  order; COCO-20i (Nguyen & Todorovic, arXiv 1909.02207) as PFENet / HSNet / BAM split it
+  (``use_split_coco``): fold i = the COCO classes 4k+i+1, k = 0..19. A fold's classes are its
+  unseen classes: training uses the other folds' classes with the fold's images removed
+  (recipes' ``drop_unseen_images``), evaluation is `episodes` seeded 1-way episodes (1000 per
+  fold, as (E)) over the val images showing a fold class with at least `episode_min_pixels`
+  pixels (PFENet's ``2 * 32 * 32`` filter of ``util/dataset.py::make_dataset``). Test size: (E)
+  evaluates at 480 x 480; here the short side is 480, one whole-image pass.
+- ``synthetic-4x5-fold{0..3}`` (fold set ``synthetic-4x5``): the same fold protocol on the
+  proving ground's 20 classes, fold i = classes i, i+4, ..., i+16 (interleaved, as COCO-20i, so
+  that each fold holds stuff and things: 21-36% of the training scenes show no class of a fold,
+  against 15% for the all-stuff contiguous fold 0), whole 224 scenes, no pixel filter (its small
+  shapes are the zoom-in's test).
 """
 
 from __future__ import annotations
@@ -53,7 +68,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from zegkit.data.base import class_indices
+from zegkit.data.base import class_indices, display_name, shipped_class_names
+from zegkit.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 
 # Settings shared by the training-free protocol (SCLIP clip_segmentor.py defaults).
 SCLIP_CROP = 224
@@ -86,6 +102,11 @@ class Protocol:
         method_settings: method name -> settings of that method's config its released config
             uses here (e.g. {"sclip": {"logit_scale": 65.0}}); other methods keep their defaults.
         source: the paper / repository file the numbers come from.
+        episodes: evaluate as this many seeded 1-way episodes over the `unseen` classes
+            (`zegkit.evaluate.episodes`) instead of dense multi-class mIoU; None: dense.
+        episode_seed: seeds the episodes.
+        episode_min_pixels: an (image, class) pair is an episode candidate only when the class
+            covers at least this many pixels of the image.
     """
 
     name: str
@@ -99,6 +120,9 @@ class Protocol:
     unseen: tuple[str, ...] | None = None
     method_settings: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     source: str = ""
+    episodes: int | None = None
+    episode_seed: int = 0
+    episode_min_pixels: int = 0
 
     def inference_overrides(self) -> dict[str, object]:
         """The InferenceConfig fields this protocol sets, None included: short_side None keeps
@@ -202,6 +226,53 @@ CASCADECLIP_CONTEXT_UNSEEN_10 = (
     "aeroplane", "bed", "bedclothes", "boat", "bottle", "car", "cloth", "cow", "keyboard", "plate",
 )
 
+# The fold sets' classes in label order, without background (read from the shipped lists).
+PASCAL_CLASSES = tuple(display_name(name) for name in shipped_class_names("voc21")[1:])
+COCO_THINGS = tuple(display_name(name) for name in shipped_class_names("coco_object")[1:])
+NUM_FOLDS = 4
+EPISODES_PER_FOLD = 1000  # (E) test.py, as the few-shot segmentation literature
+FSS_MIN_PIXELS = 2 * 32 * 32  # PFENet util/dataset.py make_dataset
+FSS_SHORT_SIDE = 480  # (E)'s test size
+# fold set -> (dataset, classes, folds as class positions, short side, min pixels, source)
+FOLD_SETS = {
+    "pascal-5i": ("voc21", PASCAL_CLASSES, [range(5 * i, 5 * i + 5) for i in range(NUM_FOLDS)],
+                  FSS_SHORT_SIDE, FSS_MIN_PIXELS,
+                  "PASCAL-5i (arXiv 1709.03410): fold i = VOC classes 5i+1..5i+5"),
+    "coco-20i": ("coco20i", COCO_THINGS, [range(i, 80, NUM_FOLDS) for i in range(NUM_FOLDS)],
+                 FSS_SHORT_SIDE, FSS_MIN_PIXELS,
+                 "COCO-20i (arXiv 1909.02207), PFENet/HSNet/BAM split: fold i = classes 4k+i+1"),
+    "synthetic-4x5": ("synthetic", SYNTHETIC_CLASSES,
+                      [range(i, 20, NUM_FOLDS) for i in range(NUM_FOLDS)], None, 0,
+                      "zegkit proving ground: fold i = classes i, i+4, ..., i+16"),
+}
+
+
+def _fold(fold_set: str, fold: int) -> Protocol:
+    """Fold `fold` of a fold set: its classes unseen, 1-way episodes, one whole-image pass."""
+    dataset, classes, folds, short_side, min_pixels, source = FOLD_SETS[fold_set]
+    return Protocol(
+        name=f"{fold_set}-fold{fold}",
+        dataset=dataset,
+        short_side=short_side,
+        crop=SCLIP_CROP,
+        stride=SCLIP_STRIDE,
+        mode="whole",
+        unseen=tuple(classes[i] for i in folds[fold]),
+        source=source,
+        episodes=EPISODES_PER_FOLD,
+        episode_min_pixels=min_pixels,
+    )
+
+
+def fold_protocols(name: str) -> list[Protocol] | None:
+    """The fold protocols a name stands for: a fold set's four, a single fold protocol, or
+    None when `name` is not an episode protocol."""
+    if name in FOLD_SETS:
+        return [PROTOCOLS[f"{name}-fold{fold}"] for fold in range(NUM_FOLDS)]
+    protocol = PROTOCOLS.get(name)
+    return [protocol] if protocol is not None and protocol.episodes else None
+
+
 _PROTOCOL_LIST = (
     _sclip("voc21", 336, 65.0, SCLIP_PROB_THRESHOLD, "cfg_voc21.py"),
     _sclip("voc20", 336, config="cfg_voc20.py"),
@@ -243,6 +314,7 @@ _PROTOCOL_LIST = (
         stride=SCLIP_STRIDE,
         source="zegkit synthetic proving ground (seen/unseen from the dataset's split.json)",
     ),
+    *(_fold(fold_set, fold) for fold_set in FOLD_SETS for fold in range(NUM_FOLDS)),
 )
 PROTOCOLS: dict[str, Protocol] = {protocol.name: protocol for protocol in _PROTOCOL_LIST}
 # The protocol `zegkit eval --dataset X` uses when none is named.
@@ -260,8 +332,10 @@ DEFAULT_PROTOCOLS: dict[str, str] = {
 
 
 def list_protocols() -> dict[str, str]:
-    """{protocol name: "dataset -- source"} for every named protocol."""
-    return {name: f"{p.dataset} -- {p.source}" for name, p in PROTOCOLS.items()}
+    """{protocol name: "dataset -- source"} for every named protocol and fold set."""
+    folds = {name: f"{spec[0]} -- all {NUM_FOLDS} folds of {spec[-1]}"
+             for name, spec in FOLD_SETS.items()}
+    return {**{name: f"{p.dataset} -- {p.source}" for name, p in PROTOCOLS.items()}, **folds}
 
 
 def get_protocol(name: str) -> Protocol:

@@ -10,7 +10,7 @@ from pathlib import Path
 from zegkit.evaluate.bootstrap import CI_SUFFIX
 from zegkit.io import save_json_atomic
 
-SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mIoU(S)", "mIoU(U)", "hIoU")
+SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mIoU(S)", "mIoU(U)", "hIoU", "FB-IoU")
 
 
 def _cell(value: float | None) -> str:

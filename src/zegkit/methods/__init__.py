@@ -14,6 +14,7 @@ from zegkit.methods.clearclip import ClearCLIP, ClearCLIPConfig
 from zegkit.methods.clip_rc import CLIPRC, CLIPRCConfig
 from zegkit.methods.cliper import CLIPer, CLIPerConfig
 from zegkit.methods.clsclip import ClsCLIP, ClsCLIPConfig
+from zegkit.methods.clsclip_standin import ClsCLIPStandin, ClsCLIPStandinConfig
 from zegkit.methods.maskclip import MaskCLIP, MaskCLIPConfig
 from zegkit.methods.naclip import NACLIP, NACLIPConfig
 from zegkit.methods.naive import Naive, NaiveConfig
@@ -28,6 +29,7 @@ METHODS: dict[str, tuple[type, type[Method]]] = {
     "clearclip": (ClearCLIPConfig, ClearCLIP),
     "naclip": (NACLIPConfig, NACLIP),
     "cliper": (CLIPerConfig, CLIPer),
+    "clsclip_standin": (ClsCLIPStandinConfig, ClsCLIPStandin),
     "clsclip": (ClsCLIPConfig, ClsCLIP),
     "zegclip": (ZegCLIPConfig, ZegCLIP),
     "pacl": (PACLConfig, PACL),

@@ -1,108 +1,136 @@
-"""ClsCLIP / ClsCLIP+ — "[CLS] Token is All You Need for Zero-Shot Semantic Segmentation", Wu,
-Zhang, Jiang, Yang, Jin, Zeng, 2023 (arXiv 2304.06212). No public code; notes in CLSCLIP.md.
+"""ClsCLIP — "[CLS] Token is All You Need for Zero-Shot Semantic Segmentation", Wu, Zhang,
+Jiang, Yang, Jin, Zeng, 2023 (arXiv 2304.06212). No public code; notes in
+shared/research/clsclip.md (the paper's method through a summary (K), and Jiaguang-NEU/ESDA (E),
+the closest public code on the same benchmark).
 
-What the paper changes. For a target class A the text encoder's global token T_cls = F_t(A) (the
+What the paper changes. For a target class A the text encoder's global token T = F_t(A) (the
 EOT "[CLS]" embedding) is mapped by a linear layer L_i to the vision width and *replaces* the
 visual [CLS] token at the input of the shallow layers N1 <= i < N2 (best: layers 2, 3, 4 of
-ViT-B/16); the other layers run as CLIP has them, the frozen encoder's patch tokens attend to the
-injected class token, and a light K-layer transformer decoder (K = 2) turns the last layer's
-tokens E_N into a foreground mask for A. One pass answers one (image, class) pair, as in the
-1-way PASCAL-5i / COCO-20i episodes the paper evaluates. L_i and the decoder are trained on the
-seen classes (inductive zero-shot); CLIP stays frozen. ClsCLIP+ adds a local zoom-in: a detector
-(YOLOv7) proposes boxes, the boxes whose detected class is the target are cropped and segmented
-by ClsCLIP one by one, and the region masks are merged with OR.
+ViT-B/16); the frozen encoder's patch tokens attend to the injected class token, and a light
+K-layer transformer decoder (K = 2) turns the last layer's tokens E_N into a binary mask for A.
+One pass answers one (image, class) pair, as in the 1-way PASCAL-5i / COCO-20i episodes the
+paper evaluates (`zegkit.evaluate.episodes`). L_i and the decoder are trained on the seen folds
+(inductive); CLIP stays frozen. ClsCLIP+ (local zoom-in on region proposals) is `zegkit.zoom`.
 
-What zegkit implements.
-- The one-way [CLS] navigation through the backbone's token injection
-  (``TokenInjection.cls``), with every
-  (image, class) pair a row of one batched backbone call (``pair_batch`` rows at a time). Output:
-  one score map per class, B x K x h x w, from the class rows ``text.embeddings`` (synonyms
-  averaged: each row costs a full backbone pass).
-- The trained parts as ``ClsCLIPHead`` (the L_i and the decoder), loaded from ``checkpoint``;
-  they will be trained by the trained-methods loop. With a head, the scores are the decoder's
-  foreground logits, read with a sigmoid per class.
-- Without a checkpoint, a parameter-free stand-in (not in the paper) so the method runs
-  training-free: L_i becomes the minimum-norm inverse of CLIP's visual head (visual_projection
-  after post_layernorm's gain, with a zero-mean constraint, so that the injected token projects
-  back onto the text embedding), rescaled to the norm of the [CLS] token it replaces; the
-  decoder becomes the cosine between the last layer's projected patch tokens and the class's
-  text embedding (MaskCLIP-style readout, ``last_block_attention`` may swap the last block's
-  attention, e.g. "qq+kk").
-- ClsCLIP+'s merge (``zoom_in`` / ``merge_regions``) on proposals the caller supplies; zegkit
-  ships no detector (deviation: the paper runs YOLOv7, and reports manual boxes as an oracle).
-
-Deviations: the decoder's inner sizes (64-d, 4 heads, a LayerNorm + linear reduction, a linear
-read-out per patch) are not given in what we could read of the paper and follow CLIPSeg's light
-decoder; "layers 2, 3, 4" are read as 0-based encoder layer indices; the text token is CLIP's
-projected, L2-normalised text embedding (for ViT-B/16 the text width and the joint dimension are
-both 512, so the paper's T_cls in R^d does not say which).
+Choices the paper leaves open (each a field of `ClsCLIPConfig` unless fixed here):
+- Text token: CLIP's projected, L2-normalised text embedding averaged over `templates` (fixed:
+  it is what zegkit's text encoder caches; (E) also uses the projected EOT embedding; for
+  ViT-B/16 text width and joint dimension are both 512, so the paper's T in R^d does not say).
+- `templates`: the 80 ImageNet templates ((E) uses the bare class name; averaging is CLIP's own
+  zero-shot recipe and zegkit's default).
+- `shared_projection`: False, one L_i per replaced layer, as the paper's notation writes L_i
+  ((E) shares one).
+- `cls_after`: "continue", the [CLS] slot carries on from the last replaced layer's output, as
+  (E) does; "restore" puts the unmodified image [CLS] back after the replaced layers.
+- `decoder_dim` / `decoder_depth` / `decoder_heads`: 64 / 2 / 4. Depth 2 is the paper's K; the
+  width and heads follow CLIPSeg's light decoder (LayerNorm + linear reduction, pre-norm
+  transformer layers over [CLS] + patches, a linear foreground logit per patch); logits at patch
+  resolution, bilinearly upsampled to the labels in the loss and to the image at inference.
+- Loss: `bce_weight` x binary cross-entropy (mean over a pair's labelled pixels) + `dice_weight`
+  x soft dice, both 1, averaged over the (image, class) pairs of the batch.
+- `present_per_image` / `absent_per_image`: 1 / 0, per training image one seen class that is in
+  it (the 1-way episode) and no absent class; absent pairs teach "not here", which multi-class
+  use needs and episodes never ask.
+- Multi-class use (`segment`, the standard benchmarks): a sigmoid per class, each from its own
+  pass; a vocabulary class named "background" gets no pass (no "background" token is ever
+  injected) and the constant probability `background_probability`, so a pixel is background
+  where no class reaches it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zegkit.backbone import BlockSurgery, ClipBackbone, TokenInjection
+from zegkit.backbone import ClipBackbone
 from zegkit.backbone.attention import check_attention
-from zegkit.backbone.loading import read_state_dict
-from zegkit.methods.base import Method, MethodConfig
+from zegkit.data.base import IGNORE_INDEX
+from zegkit.distributed import all_reduce_sum, rank_and_world
+from zegkit.methods.base import Batch, Method
+from zegkit.methods.cls_injection import (
+    image_major_pairs,
+    injected_passes,
+    replaced_layers,
+    scored_rows,
+)
 from zegkit.scores import Activation
 from zegkit.text import TextEmbeddings
 
-# The paper replaces the [CLS] of layers N1 <= i < N2 = 2, 3, 4 of ViT-B/16's 12 layers (its
-# ablation on where to inject); other depths get the same fraction of the encoder.
-PAPER_LAYERS = range(2, 5)
-PAPER_DEPTH = 12
-# Logit given to pixels outside every proposal box of a class that has boxes (ClsCLIP+): finite,
-# so a pixel outside every box of every class gets a uniform softmax instead of NaN.
-OUTSIDE = -1e4
+CLS_AFTER = ("continue", "restore")
 
 
 @dataclass
-class ClsCLIPConfig(MethodConfig):
-    """ClsCLIP settings.
+class ClsCLIPConfig:
+    """ClsCLIP settings (the module docstring gives each open choice and why).
 
     Attributes:
         layers: encoder layers (0-based) whose input [CLS] is replaced by the class token. None:
-            the paper's 2, 3, 4 for a 12-layer encoder, scaled to the depth (e.g. 4..9 of 24).
-        checkpoint: file with trained ``ClsCLIPHead`` weights (safetensors or torch). None: the
-            parameter-free stand-in for L_i and the decoder (see the module docstring).
-        decoder_heads: attention heads of the decoder's layers (CLIPSeg's 4); the other decoder
-            sizes are read from the checkpoint.
-        last_block_attention: attention variant of the last block (a key of the backbone's
-            ATTENTION table); "vanilla" is the paper's unmodified encoder.
-        pair_batch: (image, class) pairs per backbone call; bounds memory, each pair is a full
-            pass over one crop.
-        logit_scale: temperature of the softmax over the cosine scores of the stand-in readout
-            (the field's 40); a trained head's foreground logits go through a sigmoid instead.
+            the paper's 2, 3, 4 for a 12-layer encoder, scaled to the depth (4..9 of 24).
+        shared_projection: one L_i for all replaced layers ((E)) instead of one per layer.
+        cls_after: "continue" or "restore" (the [CLS] slot after the replaced layers).
+        templates: prompt templates of the class text embeddings.
+        decoder_dim: decoder width (CLIPSeg's 64).
+        decoder_depth: decoder transformer layers (the paper's K = 2).
+        decoder_heads: decoder attention heads (4).
+        bce_weight: weight of the binary cross-entropy term (1).
+        dice_weight: weight of the dice term (1).
+        present_per_image: training pairs per image with a seen class present in it (1).
+        absent_per_image: training pairs per image with a seen class absent from it (0).
+        background_probability: probability of a vocabulary class named "background" (0.5).
+        last_block_attention: attention variant of the last block ("vanilla": the paper's).
+        pair_batch: (image, class) pairs per backbone call; bounds memory.
     """
 
     layers: tuple[int, ...] | None = None
-    checkpoint: str | None = None
+    shared_projection: bool = False
+    cls_after: str = "continue"
+    templates: str = "imagenet"
+    decoder_dim: int = 64
+    decoder_depth: int = 2
     decoder_heads: int = 4
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    present_per_image: int = 1
+    absent_per_image: int = 0
+    background_probability: float = 0.5
     last_block_attention: str = "vanilla"
     pair_batch: int = 32
 
+    def __post_init__(self) -> None:
+        if self.cls_after not in CLS_AFTER:
+            raise ValueError(f"cls_after must be one of {CLS_AFTER}, got {self.cls_after!r}.")
+        if not 0 < self.background_probability < 1:
+            raise ValueError(f"background_probability must be in (0, 1), got "
+                             f"{self.background_probability}.")
+        if self.pair_batch < 1 or self.decoder_depth < 1 or self.decoder_dim % self.decoder_heads:
+            raise ValueError(
+                f"pair_batch and decoder_depth must be >= 1 and decoder_dim divisible by "
+                f"decoder_heads; got {self.pair_batch}, {self.decoder_depth}, "
+                f"{self.decoder_dim} / {self.decoder_heads}."
+            )
+        if self.present_per_image < 0 or self.absent_per_image < 0 or not (
+                self.present_per_image or self.absent_per_image):
+            raise ValueError("present_per_image and absent_per_image must be >= 0, not both 0.")
+        check_attention(self.last_block_attention)
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
 
-# ---- trained parts -------------------------------------------------------------------------------
+
 class ClsCLIPDecoder(nn.Module):
     """The light transformer decoder: last-layer tokens (N, 1 + h*w, C) -> foreground logits.
 
     Args:
         width: vision width C.
-        dim: decoder width (CLIPSeg's reduce_dim, 64).
-        depth: transformer layers (the paper's K = 2).
+        dim: decoder width.
+        depth: transformer layers.
         heads: attention heads per layer.
     """
 
-    def __init__(self, width: int, dim: int = 64, depth: int = 2, heads: int = 4) -> None:
+    def __init__(self, width: int, dim: int, depth: int, heads: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.reduce = nn.Linear(width, dim)
@@ -115,7 +143,7 @@ class ClsCLIPDecoder(nn.Module):
         self.out = nn.Linear(dim, 1)
 
     def forward(self, hidden: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Foreground logits (N, h, w) from tokens (N, 1 + h*w, C) ([CLS] first)."""
+        """Foreground logits (N, h, w) from tokens (N, 1 + h*w, C) ([CLS] slot first)."""
         x = self.reduce(self.norm(hidden))  # (N, T, dim)
         for block in self.blocks:
             x = block(x)
@@ -123,331 +151,179 @@ class ClsCLIPDecoder(nn.Module):
 
 
 class ClsCLIPHead(nn.Module):
-    """ClsCLIP's trained parts: one projection L_i per replaced layer and the decoder.
+    """ClsCLIP's trained parts: the maps L_i (text dim D -> vision width C) and the decoder.
 
     Args:
-        embed_dim: dimension D of the text embeddings.
-        width: vision width C.
-        num_replaced: number of replaced layers (one L_i each).
-        decoder_dim, decoder_depth, decoder_heads: see ClsCLIPDecoder.
+        embed_dim: D, the text embeddings' dimension.
+        width: C, the vision width.
+        num_replaced: the number of replaced layers.
+        config: sizes and whether one L_i is shared.
     """
 
-    def __init__(
-        self,
-        embed_dim: int,
-        width: int,
-        num_replaced: int,
-        decoder_dim: int = 64,
-        decoder_depth: int = 2,
-        decoder_heads: int = 4,
-    ) -> None:
+    def __init__(self, embed_dim: int, width: int, num_replaced: int,
+                 config: ClsCLIPConfig) -> None:
         super().__init__()
-        self.token_proj = nn.ModuleList(nn.Linear(embed_dim, width) for _ in range(num_replaced))
-        self.decoder = ClsCLIPDecoder(width, decoder_dim, decoder_depth, decoder_heads)
+        self.shared = config.shared_projection
+        maps = 1 if self.shared else num_replaced
+        self.token_proj = nn.ModuleList(nn.Linear(embed_dim, width) for _ in range(maps))
+        self.decoder = ClsCLIPDecoder(width, config.decoder_dim, config.decoder_depth,
+                                      config.decoder_heads)
 
-    @classmethod
-    def for_backbone(
-        cls, backbone: ClipBackbone, config: ClsCLIPConfig, **sizes: int
-    ) -> ClsCLIPHead:
-        """A freshly initialised head sized for `backbone` (to be trained)."""
-        layers = replaced_layers(config, backbone.num_layers)
-        sizes.setdefault("decoder_heads", config.decoder_heads)
-        return cls(backbone.embed_dim, backbone.width, len(layers), **sizes)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.token_proj[0].in_features
-
-    @property
-    def width(self) -> int:
-        return self.token_proj[0].out_features
-
-    def cls_tokens(self, text: Tensor) -> Tensor:
-        """Class tokens (L, K, C) for text embeddings (K, D), one slice per replaced layer."""
-        return torch.stack([proj(text) for proj in self.token_proj])
+    def token(self, slot: int, text: Tensor) -> Tensor:
+        """L_slot(text): class tokens (n, C) for the slot-th replaced layer from text (n, D)."""
+        return self.token_proj[0 if self.shared else slot](text)
 
 
-def load_head(path: str | Path, decoder_heads: int = 4) -> ClsCLIPHead:
-    """Load trained ClsCLIP weights; sizes are read from the tensors' shapes.
+def training_pairs(labels: Tensor, candidates: Tensor, present: int, absent: int
+                   ) -> tuple[Tensor, Tensor]:
+    """Random (image, class) training pairs of a batch (torch's global RNG, so a resumed run
+    draws the same ones).
 
-    Accepts a safetensors file or a torch file holding the head's state dict, a training
-    checkpoint with it under "state_dict", or a method state dict (keys prefixed "head.").
+    Args:
+        labels: (B, H, W) class indices, IGNORE_INDEX unlabelled.
+        candidates: (K,) bool, the classes that may be queried (seen, not background).
+        present: pairs per image with a candidate class shown in the image (fewer if it shows
+            fewer).
+        absent: pairs per image with a candidate class not shown in it.
 
-    Raises:
-        FileNotFoundError: no file at `path`.
-        RuntimeError: the file does not hold a ClsCLIP head (missing, extra or misshapen weights).
+    Returns:
+        (image indices, class indices), each (P,) int64 on the labels' device.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"No ClsCLIP checkpoint at {str(path)!r}. Pass the file written by zegkit's training "
-            "loop, or checkpoint=None for the training-free stand-in."
-        )
-    state = read_state_dict(path)
-    state = {key.removeprefix("head."): value for key, value in state.items()}
-    if "token_proj.0.weight" not in state or "decoder.reduce.weight" not in state:
-        raise RuntimeError(
-            f"{str(path)!r} is not a ClsCLIP head: it lacks token_proj.0.weight / "
-            f"decoder.reduce.weight (first keys: {sorted(state)[:5]})."
-        )
-    width, embed_dim = state["token_proj.0.weight"].shape
-    head = ClsCLIPHead(
-        embed_dim,
-        width,
-        num_replaced=_count(state, "token_proj."),
-        decoder_dim=state["decoder.reduce.weight"].shape[0],
-        decoder_depth=_count(state, "decoder.blocks."),
-        decoder_heads=decoder_heads,
-    )
-    try:
-        head.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise RuntimeError(f"{str(path)!r} does not match a ClsCLIP head: {error}") from None
-    return head
+    images, rows = [], []
+    allowed = candidates.nonzero().flatten().cpu()
+    for index in range(labels.shape[0]):
+        shown = torch.isin(allowed, labels[index].unique().cpu())
+        for pool, count in ((allowed[shown], present), (allowed[~shown], absent)):
+            chosen = pool[torch.randperm(pool.numel())[:count]]
+            rows.append(chosen)
+            images.append(torch.full_like(chosen, index))
+    return torch.cat(images).to(labels.device), torch.cat(rows).to(labels.device)
 
 
-def _count(state: dict[str, Tensor], prefix: str) -> int:
-    """Number of numbered sub-modules `prefix<i>.` in a state dict."""
-    return len({key[len(prefix) :].split(".")[0] for key in state if key.startswith(prefix)})
+def binary_mask_loss(logits: Tensor, targets: Tensor, valid: Tensor, *, bce_weight: float,
+                     dice_weight: float) -> dict[str, Tensor]:
+    """Binary CE + soft dice over P binary masks, averaged over the pairs of all processes.
 
+    Each term is per pair (BCE: mean over its valid pixels; dice: 1 - (2 sum(p t) + 1) /
+    (sum p + sum t + 1) over its valid pixels), summed and divided by the global number of pairs
+    over the world size, so that DDP's gradient average equals the one-process loss.
 
-# ---- the parameter-free stand-in -----------------------------------------------------------------
-def lift_to_width(backbone: ClipBackbone, text: Tensor) -> Tensor:
-    """Unit directions (K, C) in the vision width that CLIP's visual head maps onto `text` (K, D).
-
-    Solves, with minimum norm, W_p (γ ⊙ n) = t and sum(n) = 0 (W_p visual_projection, γ the gain
-    of post_layernorm): a zero-mean n is left unchanged by the layer norm's centring, so
-    project(s · n) = t / std(n) + W_p β for any scale s, i.e. it points back at t.
+    Args:
+        logits: (P, H, W) foreground logits.
+        targets: (P, H, W) 0/1 foreground.
+        valid: (P, H, W) bool, the labelled pixels.
     """
-    weight = backbone.model.visual_projection.weight.float()  # (D, C)
-    gain = backbone.vision.post_layernorm.weight.float()  # (C,)
-    system = torch.cat([weight * gain, torch.ones_like(gain)[None]])  # (D + 1, C)
-    target = torch.cat([text.float(), text.new_zeros(text.shape[0], 1).float()], dim=1)
-    return F.normalize(target @ torch.linalg.pinv(system).T, dim=-1)  # (K, C)
-
-
-def cls_norms(backbone: ClipBackbone, pixels: Tensor, layers: Sequence[int]) -> Tensor:
-    """Norms (L, B) of the unmodified [CLS] token at the input of each of `layers`."""
-    norms: dict[int, Tensor] = {}
-    if 0 in layers:
-        norms[0] = backbone.embed(pixels)[:, 0].float().norm(dim=-1)
-    earlier = sorted(layer - 1 for layer in layers if layer > 0)
-    if earlier:
-        out = backbone.forward_intermediates(pixels, indices=earlier, stop_early=True)
-        for layer, prefix in zip(earlier, out.intermediate_prefix, strict=True):
-            norms[layer + 1] = prefix.float().norm(dim=-1)
-    return torch.stack([norms[layer] for layer in layers])
-
-
-# ---- the method ----------------------------------------------------------------------------------
-def replaced_layers(config: ClsCLIPConfig, depth: int) -> list[int]:
-    """The 0-based layers whose input [CLS] is replaced, for an encoder of `depth` layers.
-
-    Raises:
-        ValueError: a configured layer outside the encoder, or none at all.
-    """
-    if config.layers is None:
-        start = PAPER_LAYERS.start * depth // PAPER_DEPTH
-        stop = max(start + 1, PAPER_LAYERS.stop * depth // PAPER_DEPTH)
-        return list(range(start, stop))
-    layers = sorted(set(config.layers))
-    if not layers or layers[0] < 0 or layers[-1] >= depth:
-        raise ValueError(
-            f"ClsCLIP layers {config.layers} must be a non-empty set of 0-based layer indices "
-            f"below the encoder's {depth} layers (the paper uses 2, 3, 4 of 12; None picks that)."
-        )
-    return layers
+    logits, targets, valid = logits.float(), targets.float(), valid.float()
+    pixels = valid.sum(dim=(1, 2)).clamp(min=1)
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    bce = (bce * valid).sum(dim=(1, 2)) / pixels  # (P,)
+    probabilities = logits.sigmoid() * valid
+    intersection = (probabilities * targets).sum(dim=(1, 2))
+    dice = 1 - (2 * intersection + 1) / (probabilities.sum(dim=(1, 2)) + (
+        targets * valid).sum(dim=(1, 2)) + 1)
+    _, world = rank_and_world()
+    count = all_reduce_sum(torch.tensor(float(logits.shape[0]))).to(logits.device) / world
+    count = count.clamp(min=1)
+    bce_term, dice_term = bce.sum() / count, dice.sum() / count
+    return {"loss": bce_weight * bce_term + dice_weight * dice_term,
+            "bce": bce_term.detach(), "dice": dice_term.detach()}
 
 
 class ClsCLIP(Method):
-    """One-way [CLS] navigation: each class's text token steers a full pass of the vision tower."""
+    """One-way [CLS] navigation: each class's text token steers a full pass of the vision tower,
+    a trained decoder reads a binary mask out of it."""
 
-    description = "text [CLS] replaces the visual [CLS] in shallow layers; a pass per class (2023)"
+    description = ("ClsCLIP (trained): text [CLS] through trained L_i replaces the visual [CLS] "
+                   "in shallow layers, 2-layer decoder, a pass per class; needs --checkpoint")
     rows = "classes"
 
-    def __init__(self, config: ClsCLIPConfig) -> None:
-        super().__init__(config)
-        check_attention(config.last_block_attention)
-        if config.pair_batch < 1:
-            raise ValueError(f"pair_batch must be a positive integer, got {config.pair_batch}.")
-        self.head: ClsCLIPHead | None = None
-        if config.checkpoint is not None:
-            self.head = load_head(config.checkpoint, config.decoder_heads)
-
     def activation(self) -> Activation:
-        """A trained head's foreground logits: a sigmoid per class (each pass answers one class,
-        as the paper's 1-way episodes); the stand-in's cosines: the softmax over classes."""
-        if self.head is not None:
-            return Activation("sigmoid")
-        return super().activation()
+        """Foreground logits: a sigmoid per class (each pass answers one class)."""
+        return Activation("sigmoid")
+
+    def default_templates(self) -> str:
+        return self.config.templates
+
+    def build(self, backbone: ClipBackbone) -> None:
+        layers = replaced_layers(self.config.layers, backbone.num_layers)
+        self.head = ClsCLIPHead(backbone.embed_dim, backbone.width, len(layers), self.config)
+
+    def _require_built(self) -> None:
+        if not hasattr(self, "head"):
+            raise RuntimeError(
+                "ClsCLIP has trained parts (the maps L_i and the decoder); load them with "
+                "--checkpoint runs/<name>/last.safetensors, written by e.g. `zegkit train "
+                "--recipe clsclip-synthetic-fold0 --out runs/clsclip-synthetic-fold0` (PASCAL-5i: "
+                "--recipe clsclip-pascal-5i-fold0 --data-root VOCdevkit/VOC2012). The untrained "
+                "approximation is --method clsclip_standin."
+            )
+
+    def pair_logits(self, backbone: ClipBackbone, pixels: Tensor, classes: Tensor,
+                    image: Tensor, row: Tensor) -> Tensor:
+        """Foreground logits (n, h, w) of the pairs (image[i], row[i]) of crops (B, 3, H, W)
+        and class embeddings (K, D)."""
+        self._require_built()
+        layers = replaced_layers(self.config.layers, backbone.num_layers)
+        dtype = self.head.token_proj[0].weight.dtype
+        classes = classes.to(device=pixels.device, dtype=dtype)
+        extra = self._restored_cls(backbone, pixels, layers)
+
+        def tokens(slot: int, images: Tensor, rows: Tensor) -> Tensor:
+            return self.head.token(slot, classes[rows])
+
+        def readout(hidden: Tensor, grid: tuple[int, int], images: Tensor, rows: Tensor) -> Tensor:
+            return self.head.decoder(hidden, grid)
+
+        return injected_passes(backbone, pixels, image, row, layers, tokens, readout,
+                               pair_batch=self.config.pair_batch,
+                               surgery=self.config.last_block_attention, extra_cls=extra)
+
+    def _restored_cls(self, backbone: ClipBackbone, pixels: Tensor,
+                      layers: list[int]) -> dict[int, Tensor]:
+        """For cls_after="restore": the unmodified image [CLS] (B, C) at the input of the layer
+        after the last replaced one (none when that is the end of the encoder)."""
+        after = layers[-1] + 1
+        if self.config.cls_after == "continue" or after >= backbone.num_layers:
+            return {}
+        out = backbone.forward_intermediates(pixels, indices=[layers[-1]], stop_early=True)
+        return {after: out.intermediate_prefix[0]}
 
     def forward(self, backbone: ClipBackbone, pixels: Tensor, text: TextEmbeddings) -> Tensor:
-        """Scores (B, K, h, w) of crops `pixels` (B, 3, H, W) for each class row of `text`.
+        """Foreground logits (B, K, h, w) of crops (B, 3, H, W) for each class row of `text`;
+        a "background" row holds the logit of `background_probability`."""
+        rows = scored_rows(text)
+        grid = (pixels.shape[-2] // backbone.patch_size, pixels.shape[-1] // backbone.patch_size)
+        p = self.config.background_probability
+        logits = pixels.new_full((pixels.shape[0], text.num_classes, *grid), math.log(p / (1 - p)),
+                                 dtype=torch.float32)
+        if rows:
+            image, row = image_major_pairs(pixels.shape[0], rows, pixels.device)
+            scored = self.pair_logits(backbone, pixels, text.embeddings, image, row)
+            logits[:, rows] = scored.float().reshape(pixels.shape[0], len(rows), *grid)
+        return logits
 
-        With a head: the decoder's foreground logits. Without: cosine similarities of the
-        projected patch tokens and the class's text embedding.
-        """
-        layers = replaced_layers(self.config, backbone.num_layers)
-        classes = text.embeddings.to(device=pixels.device, dtype=torch.float32)  # (K, D)
-        batch, num_classes = pixels.shape[0], classes.shape[0]
-        if num_classes == 0:
-            raise ValueError("ClsCLIP needs at least one class in the vocabulary.")
-        tokens = self._class_tokens(backbone, pixels, classes, layers)
-        attention = self.config.last_block_attention
-        surgery = None if attention == "vanilla" else {-1: BlockSurgery(attention)}
-        scores, total = [], batch * num_classes
-        for start in range(0, total, self.config.pair_batch):
-            stop = min(start + self.config.pair_batch, total)
-            pairs = torch.arange(start, stop, device=pixels.device)
-            image, row = pairs // num_classes, pairs % num_classes  # image-major order
-            override = {layer: tokens(i, image, row) for i, layer in enumerate(layers)}
-            out = backbone.forward_intermediates(
-                pixels[image], indices=[], surgery=surgery, inject=TokenInjection(cls=override)
-            )
-            scores.append(self._readout(backbone, out.hidden, out.grid, classes[row]))
-        return torch.cat(scores).reshape(batch, num_classes, *out.grid)
-
-    def _class_tokens(
-        self, backbone: ClipBackbone, pixels: Tensor, classes: Tensor, layers: list[int]
-    ) -> Callable[[int, Tensor, Tensor], Tensor]:
-        """A function (replaced-layer slot, image indices, class indices) -> tokens (n, C)."""
-        if self.head is None:
-            directions = lift_to_width(backbone, classes)  # (K, C)
-            norms = cls_norms(backbone, pixels, layers)  # (L, B)
-            return lambda slot, image, row: directions[row] * norms[slot, image, None]
-        self._check_head(backbone, layers)
-        projected = self.head.cls_tokens(classes.to(self.head.token_proj[0].weight.dtype))
-        return lambda slot, image, row: projected[slot, row]
-
-    def _readout(self, backbone: ClipBackbone, hidden: Tensor, grid: tuple[int, int],
-                 text: Tensor) -> Tensor:
-        """Scores (n, h, w) from last-layer tokens (n, 1 + h*w, C) and each row's text (n, D)."""
-        if self.head is not None:
-            return self.head.decoder(hidden.to(self.head.decoder.reduce.weight.dtype), grid)
-        features = F.normalize(backbone.project(hidden[:, 1:]).float(), dim=-1)  # (n, h*w, D)
-        return (features @ text[:, :, None]).reshape(-1, *grid)
-
-    def _check_head(self, backbone: ClipBackbone, layers: list[int]) -> None:
-        head = self.head
-        if (head.embed_dim, head.width, len(head.token_proj)) != (
-            backbone.embed_dim, backbone.width, len(layers)
-        ):
-            raise RuntimeError(
-                f"The ClsCLIP checkpoint was trained for text dim {head.embed_dim}, vision width "
-                f"{head.width} and {len(head.token_proj)} replaced layers, but this backbone "
-                f"({backbone.name}) has {backbone.embed_dim}, {backbone.width} and the config "
-                f"replaces layers {layers}. Use the backbone and layers it was trained with."
-            )
-
-
-# ---- ClsCLIP+: local zoom-in on proposals --------------------------------------------------------
-@dataclass(frozen=True)
-class Proposal:
-    """A region proposal: a box in image pixels and the class the detector gave it.
-
-    Attributes:
-        box: (x0, y0, x1, y1), x1 and y1 exclusive; fractional values widen to whole pixels.
-        label: the class (row of the vocabulary) the box was detected as.
-        score: detector confidence (kept for callers that filter; the merge ignores it).
-    """
-
-    box: tuple[float, float, float, float]
-    label: int
-    score: float = 1.0
-
-
-# (region pixels (1, 3, h, w), class rows) -> logits (1, len(rows), h, w) at the region's size.
-RegionLogits = Callable[[Tensor, list[int]], Tensor]
-
-
-def clip_box(proposal: Proposal, height: int, width: int) -> tuple[int, int, int, int]:
-    """The proposal's box clamped to an image of (height, width).
-
-    Raises:
-        ValueError: the box is empty or lies outside the image.
-    """
-    left, top, right, bottom = proposal.box
-    x0, y0, x1, y1 = math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom)
-    if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"Proposal box {proposal.box} must have x0 < x1 and y0 < y1.")
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-    if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"Proposal box {proposal.box} lies outside the {height}x{width} image.")
-    return x0, y0, x1, y1
-
-
-def merge_regions(
-    global_logits: Tensor,
-    regions: Sequence[tuple[Proposal, Tensor]],
-    keep_global: bool = False,
-) -> Tensor:
-    """ClsCLIP+'s OR merge of region predictions into the image's logits.
-
-    A class with at least one region takes, at each pixel, the max of its regions' logits there
-    (max is the soft OR), and OUTSIDE where none of its boxes reaches; with `keep_global` the
-    max also includes the whole-image logits. Classes without regions keep the whole-image
-    logits, so no proposals at all gives plain ClsCLIP.
-
-    Args:
-        global_logits: K x H x W whole-image logits.
-        regions: (proposal, logits h_box x w_box for the proposal's class) pairs; boxes must be
-            inside the image (see `clip_box`).
-        keep_global: OR the regions with the whole-image prediction too (the paper ORs regions).
-
-    Returns:
-        K x H x W merged logits (float32).
-    """
-    out = global_logits.float().clone()
-    height, width = out.shape[-2:]
-    union: dict[int, Tensor] = {}
-    for proposal, logits in regions:
-        x0, y0, x1, y1 = clip_box(proposal, height, width)
-        if tuple(logits.shape) != (y1 - y0, x1 - x0):
-            raise ValueError(
-                f"Region logits of shape {tuple(logits.shape)} do not fit box {proposal.box} "
-                f"({y1 - y0} x {x1 - x0} pixels)."
-            )
-        canvas = union.setdefault(proposal.label, out.new_full((height, width), OUTSIDE))
-        canvas[y0:y1, x0:x1] = torch.maximum(canvas[y0:y1, x0:x1], logits.float())
-    for label, canvas in union.items():
-        out[label] = torch.maximum(canvas, out[label]) if keep_global else canvas
-    return out
-
-
-def zoom_in(
-    region_logits: RegionLogits,
-    image: Tensor,
-    global_logits: Tensor,
-    proposals: Sequence[Proposal],
-    keep_global: bool = False,
-) -> Tensor:
-    """ClsCLIP+: re-segment each proposal's crop for its class and OR the results in.
-
-    Args:
-        region_logits: segments a crop (1, 3, h, w) for the given class rows, returning logits
-            (1, n, h, w) at the crop's size (it may zoom the crop up internally, e.g. a
-            Segmenter resizing to its short side).
-        image: 3 x H x W, the pixels `region_logits` expects.
-        global_logits: K x H x W whole-image logits.
-        proposals: boxes with detected classes, e.g. from a detector filtered to the vocabulary.
-        keep_global: see `merge_regions`.
-
-    Returns:
-        K x H x W merged logits.
-
-    Raises:
-        ValueError: a proposal's class is not a row of `global_logits`, or its box is unusable.
-    """
-    num_classes, height, width = global_logits.shape
-    regions = []
-    for proposal in proposals:
-        if not 0 <= proposal.label < num_classes:
-            raise ValueError(
-                f"Proposal label {proposal.label} is not a class index in 0..{num_classes - 1}; "
-                "map detector classes to the vocabulary's rows first."
-            )
-        x0, y0, x1, y1 = clip_box(proposal, height, width)
-        crop = image[None, :, y0:y1, x0:x1]
-        logits = region_logits(crop, [proposal.label])[0, 0]
-        regions.append((Proposal((x0, y0, x1, y1), proposal.label, proposal.score), logits))
-    return merge_regions(global_logits, regions, keep_global)
+    def loss(self, backbone: ClipBackbone, batch: Batch, text: TextEmbeddings
+             ) -> dict[str, Tensor]:
+        """Binary CE + dice of the decoder's masks for random (image, seen class) pairs."""
+        self._require_built()
+        device = batch.labels.device
+        candidates = torch.zeros(text.num_classes, dtype=torch.bool, device=device)
+        candidates[scored_rows(text)] = True
+        if batch.seen is not None:
+            candidates &= batch.seen.to(device)
+        image, row = training_pairs(batch.labels, candidates, self.config.present_per_image,
+                                    self.config.absent_per_image)
+        size = batch.labels.shape[-2:]
+        if image.numel():
+            logits = self.pair_logits(backbone, batch.pixels, text.embeddings, image, row)
+            logits = F.interpolate(logits[:, None].float(), size=size, mode="bilinear",
+                                   align_corners=False)[:, 0]
+        else:  # no seen class in this share of the batch
+            logits = batch.pixels.new_zeros((0, *size), dtype=torch.float32)
+        labels = batch.labels[image]
+        terms = binary_mask_loss(logits, labels == row[:, None, None], labels != IGNORE_INDEX,
+                                 bce_weight=self.config.bce_weight,
+                                 dice_weight=self.config.dice_weight)
+        if not image.numel():  # a zero that reaches every parameter, for DDP's gradient hooks
+            terms["loss"] = terms["loss"] + sum(p.sum() for p in self.trainable_parameters()) * 0
+        return terms

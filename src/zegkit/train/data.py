@@ -51,6 +51,7 @@ TRAIN_SPLITS = {
     "context59": "train",
     "coco_stuff171": "train",
     "coco_object": "train",
+    "coco20i": "train",
     "cityscapes19": "train",
     "ade150": "train",
 }

@@ -146,6 +146,7 @@ def _evaluate(method: Method, backbone: ClipBackbone, recipe: Recipe, held_out,
     """Evaluate the method as it is now with the recipe's protocol, through `zegkit.evaluate`."""
     from zegkit.data.protocols import get_protocol
     from zegkit.evaluate import evaluate
+    from zegkit.evaluate.episodes import evaluate_episodes, segmenter_predict
     from zegkit.inference import InferenceConfig
     from zegkit.segmenter import Segmenter
 
@@ -153,10 +154,15 @@ def _evaluate(method: Method, backbone: ClipBackbone, recipe: Recipe, held_out,
     config = InferenceConfig(**(protocol.inference_overrides() if protocol else {}))
     method.eval()
     segmenter = Segmenter(backbone, method, config, protocol=recipe.protocol)
-    result = evaluate(segmenter, held_out, progress=False, num_workers=0, seen=seen,
-                      unseen=unseen, limit=recipe.eval_images)
+    if protocol is not None and protocol.episodes:  # a fold protocol: its 1-way episodes
+        result = evaluate_episodes(segmenter_predict(segmenter), held_out, protocol,
+                                   progress=False)
+    else:
+        result = evaluate(segmenter, held_out, progress=False, num_workers=0, seen=seen,
+                          unseen=unseen, limit=recipe.eval_images)
     method.train()
-    keys = ("mIoU", "mIoU(S)", "mIoU(U)", "hIoU", "aAcc", "num_images")
+    keys = ("mIoU", "mIoU(S)", "mIoU(U)", "hIoU", "FB-IoU", "aAcc", "num_images",
+            "num_episodes")
     return {key: result[key] for key in keys if key in result}
 
 
@@ -316,7 +322,8 @@ def train(
         loader = build_caption_loader(dataset, crop=recipe.crop, **shared)
     else:
         loader = build_train_loader(dataset, recipe.augment(),
-                                    unseen=() if self_training else unseen, **shared)
+                                    unseen=() if self_training else unseen,
+                                    drop_unseen_images=recipe.drop_unseen_images, **shared)
     dtype = autocast_dtype(recipe.precision, context.device)
     device_type = torch.device(context.device).type
     held_out = _held_out(recipe, data_root, out, context)

@@ -30,6 +30,10 @@ Sources (see shared/research/<method>.md):
   (``init_from``), half the schedule again with every class queried, no seen penalty.
 - ``<method>-synthetic``: zegkit's proving ground (tiny CLIP, 224 crops), the same CPU-sized
   budget for every method; not a paper recipe.
+- ``clsclip-pascal-5i-fold{0..3}`` / ``clsclip-coco-20i-fold{0..3}``: ClsCLIP (arXiv
+  2304.06212) per fold of the few-shot benchmarks; the paper gives no schedule, so (E)'s crops,
+  batch and filtering with zegkit's optimiser (``_clsclip_fss``). ``clsclip-synthetic-fold{0..3}``:
+  the same fold protocol on the proving ground at zegclip-synthetic's budget.
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ class Recipe:
         eval_images: held-out images per evaluation (None: all; the synthetic ground generates
             this many, 100 when None).
         checkpoint_every: steps between checkpoints.
+        drop_unseen_images: train only on images that show no unseen class (the fold
+            protocols' "test-fold images removed"); reads every training mask once first.
         keep_steps: steps whose checkpoint is kept as step_<N>.safetensors (e.g. half schedule).
         seed: seeds initialisation, data order, augmentation and dropout.
         precision: "auto" (bf16 autocast where the hardware runs it natively), "fp32", "bf16".
@@ -99,6 +105,7 @@ class Recipe:
     eval_every: int = 2000
     eval_images: int | None = None
     checkpoint_every: int = 1000
+    drop_unseen_images: bool = False
     keep_steps: tuple[int, ...] = ()
     seed: int = 0
     precision: str = "auto"
@@ -271,10 +278,48 @@ _PACL_CAPTIONS = Recipe(
     checkpoint_every=1000, source="PACL (arXiv 2212.04994) as summarised by "
     "orensul/PACL-reproduction; schedule details zegkit's",
 )
+FOLDS = range(4)
+
+
+def _clsclip_synthetic(fold: int) -> Recipe:
+    """ClsCLIP on the proving ground's fold `fold` (zegclip-synthetic's budget: 300 steps x 16
+    scenes, 224 crops, the tiny CLIP frozen). Layers 1, 2 of the tiny CLIP's 6: ViT-B/16's 2-4
+    of 12 cover [1/6, 5/12) of the depth. lr 1e-3 without multipliers, about zegclip-synthetic's
+    head lr (2e-4 x 10)."""
+    return Recipe(
+        name=f"clsclip-synthetic-fold{fold}", method="clsclip", dataset="synthetic",
+        protocol=f"synthetic-4x5-fold{fold}", model="zegkit/tiny-synthetic",
+        method_settings={"layers": (1, 2)}, iterations=300, batch_size=16, lr=1e-3,
+        warmup_iterations=30, crop=224, eval_every=100, eval_images=100, checkpoint_every=50,
+        drop_unseen_images=True,
+        source="zegkit proving ground; ClsCLIP's loss (methods/clsclip.py), CPU-sized schedule",
+    )
+
+
+def _clsclip_fss(fold_set: str, dataset: str, fold: int, iterations: int) -> Recipe:
+    """ClsCLIP on a few-shot benchmark's fold, ViT-B/16 frozen. Not released by the paper; from
+    (E) (shared/research/clsclip.md §5): 480 crops, batch 8, test-fold images removed; AdamW
+    (the loop's optimiser) at lr 1e-4 and weight decay 1e-4 for (E)'s SGD lr 5e-5, momentum 0.9,
+    weight decay 1e-4; poly 0.9; 20k / 40k iterations (about 35 / 10 epochs of a fold's
+    training images) instead of (E)'s 200 epochs with early stopping."""
+    return Recipe(
+        name=f"clsclip-{fold_set}-fold{fold}", method="clsclip", dataset=dataset,
+        protocol=f"{fold_set}-fold{fold}", model="openai/clip-vit-base-patch16",
+        iterations=iterations, batch_size=8, lr=1e-4, weight_decay=1e-4, warmup_iterations=500,
+        crop=480, eval_every=iterations // 10, checkpoint_every=1000, drop_unseen_images=True,
+        source="not released; zegkit's choice after Jiaguang-NEU/ESDA's config/pascal",
+    )
+
+
+_CLSCLIP = (
+    *(_clsclip_synthetic(fold) for fold in FOLDS),
+    *(_clsclip_fss("pascal-5i", "voc21", fold, 20000) for fold in FOLDS),
+    *(_clsclip_fss("coco-20i", "coco20i", fold, 40000) for fold in FOLDS),
+)
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
-        *_INDUCTIVE, *_SYNTHETIC, _PACL_SYNTHETIC, _PACL_CAPTIONS,
+        *_INDUCTIVE, *_SYNTHETIC, _PACL_SYNTHETIC, _PACL_CAPTIONS, *_CLSCLIP,
         *(self_training(r, f"runs/{r.name}/step_{r.keep_steps[0]}.safetensors")
           for r in (*_INDUCTIVE, *_SYNTHETIC) if not r.source.startswith("not released")),
     )
