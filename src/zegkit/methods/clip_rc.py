@@ -60,7 +60,8 @@ class CLIPRCConfig(ZegCLIPConfig):
         mask_scale: "none": the released code's unscaled dot products of the decoder's
             post-LayerNorm tokens (logits of order sqrt(width) at initialisation, which AdamW
             needs hundreds of steps to shrink); "sqrt_dim": divided by sqrt(width), as in scaled
-            dot-product attention (zegkit's option for short schedules; not the paper's).
+            dot-product attention (not the released code's; `clip-rc-synthetic` uses it, as
+            the unscaled logits collapsed there, see zegkit.train.recipes).
     """
 
     region_grid: tuple[int, int] = (4, 4)
