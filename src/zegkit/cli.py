@@ -71,6 +71,8 @@ def _setting_flags() -> list[tuple[str, type, tuple | None, str, type | None]]:
          "pixels whose best class probability is below this get class 0", InferenceConfig),
         ("--refine", str, None, "refiners after the method's own: none, pamr, diffusion, or "
          "names joined by '+'", InferenceConfig),
+        ("--proposals", str, None, "ClsCLIP+'s zoom-in: 'self' (boxes around the components of "
+         "the method's own mask) or a COCO-style boxes JSON file", InferenceConfig),
         ("--logit-scale", positive_finite, None, "the method's softmax temperature over classes "
          "(default: the method's paper value)", None),
     ]
@@ -119,7 +121,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, allow_all: bool = Fa
         type=Path,
         default=None,
         help="a trained method's weights, the .safetensors file `zegkit train` writes "
-        "(default: none; required by the trained methods)",
+        "(default: none; required by the trained methods); with a fold set, {fold} in the path "
+        "stands for each fold's number",
     )
     group.add_argument(
         "--set",
@@ -435,7 +438,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--protocol",
         default=None,
-        help="named evaluation protocol (default: the dataset's; see zegkit.data.protocols)",
+        help="named evaluation protocol, or a fold set of 1-way episodes (pascal-5i, coco-20i, "
+        "synthetic-4x5) (default: the dataset's; see zegkit.data.protocols)",
     )
     parser.add_argument(
         "--output",

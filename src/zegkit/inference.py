@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,9 @@ class InferenceConfig:
             own ("none", "pamr", "diffusion", or names joined by "+"; see zegkit.refine).
         precision: "fp32" or "bf16" autocast: faster on GPUs and on CPUs with native bf16
             (AVX-512 BF16, AMX); on AVX2-only CPUs it is emulated and several times slower.
+        proposals: ClsCLIP+'s local zoom-in (`zegkit.zoom`): "self" (boxes around the
+            components of the method's own mask) or a COCO-style boxes JSON file; applied by
+            `Segmenter.segment` and the episode protocols. None: off.
     """
 
     short_side: int | None = 448
@@ -56,8 +60,14 @@ class InferenceConfig:
     background_threshold: float | None = None
     refine: str = "none"
     precision: str = "fp32"
+    proposals: str | None = None
 
     def __post_init__(self) -> None:
+        if self.proposals not in (None, "self") and not Path(self.proposals).expanduser().is_file():
+            raise FileNotFoundError(
+                f"proposals {self.proposals!r} is neither 'self' nor a boxes file; pass 'self' "
+                "or a COCO-style JSON of boxes (see zegkit.zoom)."
+            )
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
         if self.precision not in PRECISIONS:

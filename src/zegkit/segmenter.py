@@ -297,10 +297,15 @@ class Segmenter:
         return decide_labels(probabilities, self.config.background_threshold, self._background)
 
     def segment(self, image: ImageSource, classes: Sequence[str] | None = None) -> Segmentation:
-        """Segment one image (path, PIL image or array) with `classes` or the current vocabulary."""
+        """Segment one image (path, PIL image or array) with `classes` or the current vocabulary;
+        with ClsCLIP+'s zoom-in when the config names proposals (`zegkit.zoom`)."""
         if classes is not None:
             self.set_vocabulary(classes)
         text = self._require_text()
+        if self.config.proposals is not None:
+            from zegkit.zoom import zoom_segment
+
+            return zoom_segment(self, image, self.config.proposals)
         probabilities = self.probabilities(to_tensor(load_image(image))[None])
         labels = self.decide(probabilities)
         return Segmentation(

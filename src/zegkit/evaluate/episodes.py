@@ -129,14 +129,10 @@ def background_entry(class_names: Sequence[str]) -> str:
     return BACKGROUND_NAME
 
 
-def segmenter_predict(segmenter: object, proposals: str | None = None) -> EpisodePredict:
-    """An episode's answer from a Segmenter: label 1 where the class wins over background.
-
-    Args:
-        segmenter: a `zegkit.segmenter.Segmenter`.
-        proposals: None, or ClsCLIP+'s zoom-in on "self" proposals or a boxes file
-            (`zegkit.zoom`).
-    """
+def segmenter_predict(segmenter: object) -> EpisodePredict:
+    """An episode's answer from a Segmenter: label 1 where the class wins over background,
+    with ClsCLIP+'s zoom-in when its config names proposals (`zegkit.zoom`)."""
+    proposals = segmenter.config.proposals
 
     def predict(image: Tensor, name: str, vocabulary: list[str]) -> Tensor:
         segmenter.set_vocabulary(vocabulary)

@@ -150,13 +150,117 @@ def run_eval(
         The result (identical on every rank).
     """
     from zegkit.data.datasets import load_dataset
+    from zegkit.data.protocols import fold_protocols
 
+    protocol = kwargs.get("protocol")
+    if protocol is not None and fold_protocols(protocol):
+        return run_episode_eval(dataset, data_root, kwargs.pop("protocol"), split=split,
+                                output=output, **_episode_arguments(kwargs))
+    _refuse_proposals(kwargs)
     context = init_distributed(kwargs.pop("device", None))
     data = load_dataset(dataset, data_root, split)
     result = evaluate_method(data, device=context.device, **kwargs)
     if output is not None and context.is_main:
         save_results(output, result)
     return result
+
+
+FOLD_PLACEHOLDER = "{fold}"  # in a checkpoint path: replaced by each fold's number
+
+
+def run_episode_eval(
+    dataset: str,
+    data_root: str | os.PathLike,
+    protocol: str,
+    *,
+    method: str = "sclip",
+    model: str | os.PathLike | None = None,
+    split: str = "val",
+    output: str | os.PathLike | None = None,
+    device: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = True,
+    **overrides: object,
+) -> dict:
+    """`zegkit eval` with an episode protocol (`zegkit.evaluate.episodes`): a fold set's four
+    folds (or one fold), each with its own 1-way episodes, then the mean over folds.
+
+    Args:
+        dataset, data_root, split, output: as in `run_eval`.
+        protocol: a fold set ("pascal-5i", "coco-20i", "synthetic-4x5") or one fold protocol.
+        method, model, device: as in `evaluate_method`.
+        checkpoint: a trained method's file; for a fold set it must contain "{fold}", replaced
+            by each fold's number (a trained method has one checkpoint per fold).
+        progress: progress bars (rank 0).
+        **overrides: InferenceConfig fields and method settings (None values ignored), e.g.
+            proposals="self" for ClsCLIP+'s zoom-in (`zegkit.zoom`).
+
+    Returns:
+        One fold: its episode metrics. A fold set: `fold_mean` of its folds (per-class IoU of
+        every fold's classes, mean mIoU and FB-IoU, and each fold's in "folds").
+
+    Raises:
+        ValueError: not an episode protocol, or a fold set with one checkpoint for all folds.
+    """
+    from zegkit.data.datasets import load_dataset
+    from zegkit.data.protocols import fold_protocols
+    from zegkit.evaluate.episodes import evaluate_episodes, fold_mean, segmenter_predict
+
+    folds = fold_protocols(protocol)
+    if not folds:
+        raise ValueError(f"Protocol {protocol!r} is not an episode protocol (a fold set: "
+                         "pascal-5i, coco-20i, synthetic-4x5, or one of their folds).")
+    if checkpoint is not None and len(folds) > 1 and FOLD_PLACEHOLDER not in str(checkpoint):
+        raise ValueError(f"{protocol} has {len(folds)} folds, each trained on the others: give "
+                         f"one checkpoint per fold with {FOLD_PLACEHOLDER} in the path, e.g. "
+                         f"runs/clsclip-synthetic-fold{FOLD_PLACEHOLDER}/last.safetensors.")
+    context = init_distributed(device)
+    data = load_dataset(dataset, data_root, split)
+    results = []
+    for fold in folds:
+        number = fold.name.rsplit("fold", 1)[1]
+        path = None if checkpoint is None else str(checkpoint).replace(FOLD_PLACEHOLDER, number)
+        prepared = _prepare(data, method, _model_or_default(model), fold.name, context.device,
+                            {**overrides, "checkpoint": path})
+        result = evaluate_episodes(segmenter_predict(prepared.segmenter), data, fold,
+                                   progress=progress)
+        results.append({**result, "settings": prepared.settings})
+    combined = results[0] if len(folds) == 1 else {
+        **fold_mean(results),
+        "settings": {**results[0]["settings"], "protocol": protocol,
+                     "checkpoint": None if checkpoint is None else str(checkpoint)},
+    }
+    if output is not None and context.is_main:
+        save_results(output, combined)
+    return combined
+
+
+def _refuse_proposals(kwargs: dict) -> None:
+    """Drop the (unset) zoom-in option of a dense evaluation.
+
+    Raises:
+        ValueError: proposals were given (the zoom-in is evaluated on episode protocols).
+    """
+    if kwargs.pop("proposals", None) is not None:
+        raise ValueError("--proposals (ClsCLIP+'s zoom-in) is evaluated with an episode "
+                         "protocol (--protocol synthetic-4x5, pascal-5i, coco-20i); for one "
+                         "image use `zegkit segment --proposals`.")
+
+
+def _episode_arguments(kwargs: dict) -> dict:
+    """`run_eval`'s arguments for `run_episode_eval`: the dense loop's options dropped where
+    they are unset or only tune the dense loop (workers, progress-file interval).
+
+    Raises:
+        ValueError: a dense-loop option that episodes do not have (progress file, limit,
+            bootstrap).
+    """
+    given = [key for key in ("progress_file", "limit", "bootstrap") if kwargs.get(key)]
+    if given:
+        raise ValueError(f"{given} are options of the dense evaluation; an episode protocol "
+                         "runs its fixed, seeded episodes (drop them).")
+    dropped = ("progress_file", "limit", "bootstrap", "num_workers", "progress_every")
+    return {key: value for key, value in kwargs.items() if key not in dropped}
 
 
 def method_progress_file(progress_file: str | os.PathLike | None, method: str) -> Path | None:
@@ -195,8 +299,13 @@ def run_eval_all(
         {method: result or {"error": message}}.
     """
     from zegkit.data.datasets import load_dataset
+    from zegkit.data.protocols import fold_protocols
     from zegkit.methods import METHODS
 
+    if kwargs.get("protocol") and fold_protocols(kwargs["protocol"]):
+        raise ValueError("An episode protocol evaluates one method at a time (a trained method "
+                         "has a checkpoint per fold): run --method NAME for each.")
+    _refuse_proposals(kwargs)
     names = list(METHODS) if methods is None else list(methods)
     unknown = [name for name in names if name not in METHODS]
     if unknown:
