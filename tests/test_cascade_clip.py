@@ -72,6 +72,18 @@ def test_logits_are_the_sum_of_the_stage_decoders(backbone):
                                stages.sum(dim=0))
 
 
+def test_summed_stages_keeps_only_the_named_stage_masks_at_inference(backbone):
+    method = _built(backbone)
+    text = encode_vocabulary(backbone, ["red", "green"], templates="single", use_cache=False)
+    pixels = torch.randn(1, 3, 64, 64)
+    stages = method.stage_logits(backbone, pixels, text.embeddings)
+    method.config.summed_stages = (1,)
+    torch.testing.assert_close(method.mask_logits(backbone, pixels, text.embeddings), stages[1])
+    method.config.summed_stages = (2,)
+    with pytest.raises(ValueError, match="0..1"):
+        method.mask_logits(backbone, pixels, text.embeddings)
+
+
 def test_tap_projections_train_by_default_and_freeze_as_released(backbone):
     trainable = _built(backbone)
     frozen = _built(backbone, tap_projection="frozen")

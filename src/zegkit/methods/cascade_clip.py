@@ -69,12 +69,17 @@ class CascadeCLIPConfig(ZegCLIPConfig):
             the random initialisation, as in the released code.
         last_block: name of a training-free method whose last-block surgery the final stage
             runs (maskclip, sclip, clearclip, naclip); None: CLIP's block, as the paper.
+        summed_stages: which stages' masks make the output (0-based, shallow to deep, the
+            final stage last); None (default): all, as the paper. An analysis setting for a
+            trained model, e.g. which stage carries the unseen classes (the paper's stage
+            ablation); training always sums every stage.
     """
 
     stages: tuple[tuple[int, ...], ...] | None = None
     nga_sigma: float = 1.0
     tap_projection: str = "trainable"
     last_block: str | None = None
+    summed_stages: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +90,10 @@ class CascadeCLIPConfig(ZegCLIPConfig):
                              f"{self.tap_projection!r}.")
         if self.nga_sigma <= 0:
             raise ValueError(f"nga_sigma must be positive, got {self.nga_sigma}.")
+        if self.summed_stages is not None:
+            self.summed_stages = tuple(int(stage) for stage in self.summed_stages)
+            if not self.summed_stages:
+                raise ValueError("summed_stages must name at least one stage (or be None: all).")
 
 
 def checked_stages(stages) -> tuple[tuple[int, ...], ...]:
@@ -196,4 +205,12 @@ class CascadeCLIP(PromptedDecoderMethod):
 
     def decode(self, backbone: ClipBackbone, pixels: Tensor,
                text_rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.stage_logits(backbone, pixels, text_rows).sum(dim=0), {}
+        logits = self.stage_logits(backbone, pixels, text_rows)
+        chosen = self.config.summed_stages
+        if chosen is not None and not self.training:
+            stages = logits.shape[0]
+            if any(not 0 <= stage < stages for stage in chosen):
+                raise ValueError(f"summed_stages {chosen} must index this model's {stages} "
+                                 f"stages (0..{stages - 1}, the final stage last).")
+            logits = logits[list(chosen)]
+        return logits.sum(dim=0), {}
