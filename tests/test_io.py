@@ -491,3 +491,15 @@ def test_decompression_bomb_is_value_error(tmp_path, monkeypatch):
         check_image_file(path)
     with pytest.raises(ValueError, match="decompression-bomb"):
         load_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".bmp", ".webp"])
+def test_damaged_header(tmp_path, suffix):
+    """Pillow raises a bare OSError opening these (found by tests/test_properties.py)."""
+    full = tmp_path / f"full{suffix}"
+    Image.new("1", (1, 1)).save(full)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt") as info:
+        load_image(cut)
+    assert str(cut) in str(info.value)

@@ -105,6 +105,11 @@ def _open_file(path: Path) -> Image.Image:
         raise ValueError(
             f"{path} is not a readable image (supported: {SUPPORTED_FORMATS})."
         ) from error
+    except (OSError, SyntaxError, EOFError, ValueError) as error:  # a damaged header (BMP, WebP)
+        raise ValueError(
+            f"{path} is truncated or corrupt: its header cannot be read ({error}). Re-export or "
+            "re-download the image."
+        ) from error
     with image:
         return _decode(image, what=str(path))
 
