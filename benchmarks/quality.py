@@ -42,7 +42,7 @@ ROWS = [
     ("naclip", "naclip", {}, False),
     ("cliper (fusion only)", "cliper", {"compensation": False}, False),
     ("cliper + random tiny SD", "cliper", {"compensation": False}, True),
-    ("clsclip (training-free)", "clsclip", {}, False),
+    ("clsclip_standin (untrained, not ClsCLIP)", "clsclip_standin", {}, False),
 ]
 COLUMNS = ("mIoU", "mIoU(S)", "mIoU(U)", "hIoU", "aAcc")
 

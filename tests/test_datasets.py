@@ -105,6 +105,20 @@ def test_coco_stuff_pairs_by_id(tmp_path):
     assert sorted(dataset[1][1].unique().tolist()) == [0, 170, 255]
 
 
+def test_coco20i_reads_the_few_shot_layout(tmp_path):
+    root = tmp_path / "COCO2014"
+    for split, folder in (("val", "val2014"), ("train", "train2014")):
+        name = f"COCO_{folder}_000000000042"
+        _image(root / folder / f"{name}.jpg")
+        _mask(root / "annotations" / folder / f"{name}.png", _labels(0, 1, 80, 255))
+        dataset = load_dataset("coco20i", root, split)
+        assert dataset.names == [name] and dataset.num_classes == 81
+        assert display_name(dataset.class_names[1]) == "person"
+        assert sorted(dataset[0][1].unique().tolist()) == [0, 1, 80, 255]
+    with pytest.raises(FileNotFoundError, match="val2014"):
+        load_dataset("coco20i", tmp_path / "nothing")
+
+
 def test_cityscapes_reads_city_subfolders(tmp_path):
     root = tmp_path / "cityscapes"
     stem = "frankfurt_000000_000294"
