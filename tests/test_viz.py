@@ -246,3 +246,39 @@ def test_label_png_is_16_bit_beyond_255_classes(tmp_path):
     with Image.open(tmp_path / "l.png") as image:
         assert image.mode.startswith("I")
         assert np.array(image).tolist() == labels.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# legend fonts: names in any script
+def _legend(name: str) -> np.ndarray:
+    """The legend panel of a one-class overlay of a 60 x 80 image."""
+    image = Image.new("RGB", (80, 60), "white")
+    out = overlay(image, np.zeros((60, 80), np.int64), [name])
+    return np.asarray(out)[:, 80:]
+
+
+def _covered(char: str) -> bool:
+    from zegkit.viz import _candidate_fonts, has_glyph
+
+    return any(has_glyph(font, char) for font in _candidate_fonts(LEGEND_TEST_FONT_SIZE))
+
+
+LEGEND_TEST_FONT_SIZE = 12
+
+
+@pytest.mark.parametrize("first, second", [("猫", "犬"), ("é", "è"), ("Ж", "Щ")])
+def test_legend_draws_each_script_with_real_glyphs(first, second):
+    if not (_covered(first) and _covered(second)):
+        pytest.skip(f"no installed font covers {first!r} (e.g. apt-get install fonts-noto-cjk)")
+    one, other = _legend(first), _legend(second)
+    assert (one < 128).any()  # ink
+    assert not np.array_equal(one, other)  # two glyphs, not two empty boxes
+
+
+def test_a_character_no_font_has_is_drawn_as_a_question_mark_with_a_warning():
+    melting_face = "\U0001fae0"  # Unicode 14: in few fonts
+    if _covered(melting_face):
+        pytest.skip("an installed font covers U+1FAE0")
+    with pytest.warns(UserWarning, match="No installed font has glyphs"):
+        drawn = _legend(melting_face)
+    np.testing.assert_array_equal(drawn, _legend("?"))

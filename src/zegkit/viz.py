@@ -9,11 +9,18 @@ distinct and neighbouring classes differ strongly.
 
 Label images are Pillow "P" images: pixel value = class index, palette = `palette(K)`,
 index 255 (`IGNORE_INDEX`) black. `np.array(label_image(labels, K))` gives `labels` back.
+
+Legend text is drawn character by character in the first installed font of `LEGEND_FONTS` that
+has a glyph for it (Pillow's own font covers Latin only, so "猫" drew as an empty box), so "猫 cat"
+mixes a CJK font and DejaVu on one baseline; a character no installed font covers is drawn as
+"?", with a warning saying which font package adds it.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -42,6 +49,15 @@ LEGEND_MAX_NAME_CHARS = 40  # longer class names are cut with "..."
 LEGEND_BACKGROUND = (255, 255, 255)
 LEGEND_TEXT_COLOUR = (0, 0, 0)
 LEGEND_SWATCH_OUTLINE = (64, 64, 64)  # keeps light swatches visible on the white panel
+# Legend fonts by file name, tried in order (Pillow searches the system's font folders): DejaVu
+# Sans (Latin, Greek, Cyrillic; Debian fonts-dejavu-core, also on most Linux desktops), then fonts
+# covering Chinese, Japanese and Korean (Debian fonts-noto-cjk, fonts-droid-fallback,
+# fonts-wqy-microhei). Pillow's built-in font comes last.
+LEGEND_FONTS = ("DejaVuSans.ttf", "NotoSansCJK-Regular.ttc", "DroidSansFallbackFull.ttf",
+                "wqy-microhei.ttc")
+LEGEND_MISSING_GLYPH = "?"  # drawn for a character no installed font covers
+_NOTDEF_PROBE = "\U0010FFFF"  # a noncharacter: a font draws its missing-glyph box for it
+LATIN_1_MAX = 255  # Pillow's bitmap font (without FreeType) encodes Latin-1 only
 
 
 class LegendEntry(NamedTuple):
@@ -292,39 +308,104 @@ def _blend(
     return Image.fromarray(np.rint(out).astype(np.uint8))
 
 
-def _legend_font(image_height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Pillow's built-in font, sized to the image; the bitmap font where FreeType is missing."""
-    size = int(np.clip(image_height // LEGEND_LINES_PER_IMAGE, LEGEND_FONT_MIN, LEGEND_FONT_MAX))
+@functools.cache
+def _installed_font(name: str, size: int) -> ImageFont.FreeTypeFont | None:
+    """Font file `name` at `size` px from the system's font folders, or None if not installed."""
     try:
-        return ImageFont.load_default(size=size)
+        return ImageFont.truetype(name, size)
+    except OSError:
+        return None
+
+
+def _candidate_fonts(size: int) -> list[ImageFont.ImageFont | ImageFont.FreeTypeFont]:
+    """The installed fonts of LEGEND_FONTS, then Pillow's own (its bitmap font without FreeType)."""
+    fonts = [font for font in (_installed_font(name, size) for name in LEGEND_FONTS) if font]
+    try:
+        fonts.append(ImageFont.load_default(size=size))
     except (ImportError, OSError):  # Pillow built without FreeType
-        return ImageFont.load_default()
+        fonts.append(ImageFont.load_default())
+    return fonts
 
 
-def _legend_text(entry: LegendEntry, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> str:
+def has_glyph(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, char: str) -> bool:
+    """Whether `font` draws `char` with a glyph of its own, not its missing-glyph box.
+
+    A FreeType font's missing glyph is recognised by drawing like the glyph of a noncharacter.
+    """
+    if char.isspace():
+        return True
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return ord(char) <= LATIN_1_MAX
+    return _glyph_mask(font, char) != _glyph_mask(font, _NOTDEF_PROBE)
+
+
+@functools.cache
+def _glyph_mask(font: ImageFont.FreeTypeFont, char: str) -> tuple[tuple[int, int], bytes]:
+    mask = font.getmask(char)
+    return mask.size, bytes(mask)
+
+
+FontRun = tuple[str, ImageFont.ImageFont | ImageFont.FreeTypeFont]
+
+
+def font_runs(line: str, fonts: Sequence[ImageFont.ImageFont | ImageFont.FreeTypeFont],
+              ) -> tuple[list[FontRun], set[str]]:
+    """`line` cut into runs of characters drawn with one font each (the first of `fonts` with a
+    glyph), and the characters no font has (drawn as LEGEND_MISSING_GLYPH in `fonts[0]`)."""
+    runs: list[FontRun] = []
+    missing: set[str] = set()
+    for char in line:
+        font = next((font for font in fonts if has_glyph(font, char)), None)
+        if font is None:
+            missing.add(char)
+            char, font = LEGEND_MISSING_GLYPH, fonts[0]
+        if runs and runs[-1][1] is font:
+            runs[-1] = (runs[-1][0] + char, font)
+        else:
+            runs.append((char, font))
+    return runs, missing
+
+
+def _legend_runs(image_height: int, lines: list[str],
+                 ) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, list[list[FontRun]]]:
+    """The legend's main font (sized to the image) and each line's font runs; warns once about
+    characters no installed font draws."""
+    size = int(np.clip(image_height // LEGEND_LINES_PER_IMAGE, LEGEND_FONT_MIN, LEGEND_FONT_MAX))
+    fonts = _candidate_fonts(size)
+    cut = [font_runs(line, fonts) for line in lines]
+    missing = set().union(*(gaps for _, gaps in cut))
+    if missing:
+        warnings.warn(
+            f"No installed font has glyphs for {''.join(sorted(missing))!r}; the legend draws "
+            f"{LEGEND_MISSING_GLYPH!r} for them (the JSON keeps the names). Install a font that "
+            f"covers them (e.g. Debian/Ubuntu: apt-get install fonts-noto-cjk); tried "
+            f"{', '.join(LEGEND_FONTS)} and Pillow's own.",
+            stacklevel=4,
+        )
+    return fonts[0], [runs for runs, _ in cut]
+
+
+def _legend_text(entry: LegendEntry) -> str:
     name = entry.name
     if len(name) > LEGEND_MAX_NAME_CHARS:
         name = name[: LEGEND_MAX_NAME_CHARS - 3] + "..."
     percent = 100.0 * entry.fraction
     share = "<0.1%" if percent < 0.05 else f"{percent:.1f}%"
-    text = f"{name}  {share}"
-    if not isinstance(font, ImageFont.FreeTypeFont):  # the bitmap font only encodes Latin-1
-        text = text.encode("latin-1", "replace").decode("latin-1")
-    return text
+    return f"{name}  {share}"
 
 
 def _attach_legend(
     image: Image.Image, entries: list[LegendEntry], colours: np.ndarray
 ) -> Image.Image:
     """Return `image` with a legend panel for `entries` appended on its right."""
-    font = _legend_font(image.height)
+    lines = [_legend_text(entry) for entry in entries] or ["no labelled pixels"]
+    font, runs = _legend_runs(image.height, lines)
     font_size = getattr(font, "size", LEGEND_FONT_MIN)  # the bitmap fallback has no .size
     row = int(round(font_size * LEGEND_ROW_SPACING))
     pad = int(round(font_size * LEGEND_PADDING))
     swatch = font_size
-    lines = [_legend_text(entry, font) for entry in entries] or ["no labelled pixels"]
     draw = ImageDraw.Draw(image)  # used only to measure text
-    text_width = max(int(np.ceil(draw.textlength(line, font=font))) for line in lines)
+    text_width = max(int(np.ceil(_runs_length(draw, line))) for line in runs)
     panel_width = pad + swatch + pad + text_width + pad
     panel_height = pad + row * len(lines) + pad
     size = (image.width + panel_width, max(image.height, panel_height))
@@ -332,7 +413,7 @@ def _attach_legend(
     canvas.paste(image, (0, 0))
     draw = ImageDraw.Draw(canvas)
     left = image.width + pad
-    for i, line in enumerate(lines):
+    for i in range(len(lines)):
         centre = pad + i * row + row // 2  # vertical centre of row i
         if i < len(entries):
             top = centre - swatch // 2
@@ -342,7 +423,26 @@ def _attach_legend(
                 fill=colour,
                 outline=LEGEND_SWATCH_OUTLINE,
             )
-        _, text_top, _, text_bottom = draw.textbbox((0, 0), line, font=font)
-        y = centre - (text_top + text_bottom) // 2
-        draw.text((left + swatch + pad, y), line, fill=LEGEND_TEXT_COLOUR, font=font)
+        _draw_runs(draw, (left + swatch + pad, centre), runs[i], font)
     return canvas
+
+
+def _runs_length(draw: ImageDraw.ImageDraw, runs: list[FontRun]) -> float:
+    return sum(draw.textlength(text, font=font) for text, font in runs)
+
+
+def _draw_runs(draw: ImageDraw.ImageDraw, start: tuple[int, int], runs: list[FontRun],
+               font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> None:
+    """Draw font runs left to right from `start` (x, vertical centre): FreeType runs on one
+    baseline placed by the main `font`'s metrics; Pillow's bitmap font has a single run."""
+    x, centre = start
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        text = "".join(text for text, _ in runs)
+        _, top, _, bottom = draw.textbbox((0, 0), text, font=font)
+        draw.text((x, centre - (top + bottom) // 2), text, fill=LEGEND_TEXT_COLOUR, font=font)
+        return
+    ascent, descent = font.getmetrics()
+    baseline = centre + (ascent - descent) // 2
+    for text, run_font in runs:
+        draw.text((x, baseline), text, fill=LEGEND_TEXT_COLOUR, font=run_font, anchor="ls")
+        x += draw.textlength(text, font=run_font)
