@@ -340,3 +340,45 @@ def test_zegkit_train_runs_the_fold_recipe_and_evaluates_episodes(tiny_clip_dir,
     segmenter = load_segmenter("clsclip", str(tiny_clip_dir),
                                checkpoint=tmp_path / "run" / "last.safetensors")
     assert segmenter.method.config.layers == (1,)
+
+
+def _toy_voc(root):
+    """VOC 2012 with train_aug (a: aeroplane, fold 0; b: bus, fold 1) and val (the same two)."""
+    from PIL import Image
+
+    voc = root / "VOCdevkit" / "VOC2012"
+    for folder in ("JPEGImages", "SegmentationClass", "SegmentationClassAug",
+                   "ImageSets/Segmentation"):
+        (voc / folder).mkdir(parents=True)
+    for name, label in (("a", 1), ("b", 6)):
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(voc / "JPEGImages" / f"{name}.jpg")
+        mask = np.zeros((64, 64), np.uint8)
+        mask[8:56, 8:56] = label  # 2304 pixels, above the episodes' 2048
+        for folder in ("SegmentationClass", "SegmentationClassAug"):
+            Image.fromarray(mask, mode="L").save(voc / folder / f"{name}.png")
+    for split in ("train_aug", "val"):
+        (voc / f"ImageSets/Segmentation/{split}.txt").write_text("a\nb\n")
+    return voc
+
+
+def test_pascal_fold_recipe_drops_the_folds_images_and_evaluates_its_episodes(
+        tiny_clip_dir, tmp_path):
+    import json
+
+    from zegkit.train.data import build_train_loader, load_training_set, zero_shot_split
+    from zegkit.train.loop import train
+    from zegkit.train.recipes import get_recipe, with_overrides
+
+    voc = _toy_voc(tmp_path)
+    recipe = with_overrides(get_recipe("clsclip-pascal-5i-fold0"), {
+        "model": str(tiny_clip_dir), "iterations": 2, "warmup_iterations": 1, "batch_size": 2,
+        "crop": 64, "checkpoint_every": 2, "decoder_dim": 16, "layers": (1,)})
+    dataset = load_training_set("voc21", voc)
+    seen, unseen = zero_shot_split(dataset, recipe.protocol)
+    assert unseen == [1, 2, 3, 4, 5] and 6 in seen
+    loader = build_train_loader(dataset, recipe.augment(), batch_size=2, seed=0, num_steps=1,
+                                unseen=unseen, drop_unseen_images=True)
+    assert loader.batch_sampler.indices.tolist() == [1]  # only b (bus) is left for fold 0
+    train(recipe, tmp_path / "run", data_root=voc, num_workers=0, progress=False)
+    evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert evaluation["num_episodes"] == 1000  # all on image a, the only fold-0 class shown
