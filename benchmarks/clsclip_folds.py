@@ -1,7 +1,8 @@
 """The fold-protocol table of ClsCLIP's proof: per result file of `zegkit eval --protocol
 <fold set>`, each fold's 1-way episode mIoU, the mean over folds, and the mean FB-IoU.
 
-    python benchmarks/clsclip_folds.py runs/clsclip/eval_*.json --json benchmarks/results/clsclip_folds.json
+    python benchmarks/clsclip_folds.py runs/clsclip/eval_*.json \
+        --json benchmarks/results/clsclip_folds.json
 
 Rows are named by the file's stem (e.g. eval_naive.json -> naive); every file must come from the
 same fold set (the same seeded episodes), which the script checks.
