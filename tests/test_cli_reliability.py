@@ -283,3 +283,27 @@ def test_a_bad_mask_in_a_loader_worker_is_reported_plainly(tiny_clip_dir, tmp_pa
     assert status == EXIT_USAGE
     err = capsys.readouterr().err
     assert "000001.png" in err and "DataLoader worker" not in err and "Traceback" not in err
+
+
+# ---- fast help and argument errors -------------------------------------------------------------
+def _modules_after(argv: list[str]) -> set[str]:
+    """The heavy modules a fresh interpreter has imported after `zegkit <argv>` exits."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom zegkit.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\n"
+            "print('IMPORTED', *(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          check=True, timeout=120)
+    last = done.stdout.splitlines()[-1].split()  # after the help text, if any
+    assert last[0] == "IMPORTED"
+    return set(last[1:])
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    assert _modules_after(["--help"]) == set()
+
+
+def test_argument_errors_do_not_import_transformers():
+    assert "transformers" not in _modules_after(["segment", "x.png"])  # --classes, --out missing

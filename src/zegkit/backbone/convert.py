@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from transformers import CLIPConfig, CLIPModel
+
+if TYPE_CHECKING:  # imported where used: `transformers` takes seconds to import
+    from transformers import CLIPConfig
 
 # OpenAI `clip/model.py::build_model`: heads = width // 64 in both towers (open_clip: `head_width`).
 OPENAI_HEAD_WIDTH = 64
@@ -266,6 +269,8 @@ def _infer_config(weights: Mapping[str, Tensor], layers: Mapping[str, int], hidd
     vision = _vision_config(weights, layers["visual.transformer.resblocks"], head_width, hidden_act)
     text = _text_config(weights, layers["transformer.resblocks"], head_width, hidden_act,
                         special_ids)
+    from transformers import CLIPConfig
+
     return CLIPConfig(
         vision_config=dict(vision, projection_dim=vision_dim),
         text_config=dict(text, projection_dim=text_dim),
@@ -302,6 +307,8 @@ def _check_against_model(converted: Mapping[str, Tensor], config: CLIPConfig) ->
     The model is built on the meta device (no memory, no initialisation), so this check is cheap
     even for ViT-L.
     """
+    from transformers import CLIPModel
+
     with torch.device("meta"):
         reference = CLIPModel(config).state_dict()
     missing = sorted(set(reference) - set(converted))

@@ -25,18 +25,19 @@ import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, CLIPModel, PretrainedConfig, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from zegkit.backbone import DEFAULT_MODEL
 from zegkit.backbone.convert import TOKEN_EMBEDDING_KEY, convert_openai_state_dict
 from zegkit.backbone.tokenizer import check_tokenizer
+
+if TYPE_CHECKING:  # imported where used: `transformers` takes seconds to import
+    from transformers import CLIPModel, PreTrainedTokenizerBase
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 # Models that ship inside the package; their folders are HF-format model directories.
@@ -172,6 +173,8 @@ def _offline_note() -> str:
 def _load_hf(resolved: _Source, tokenizer_source: str | os.PathLike | None,
              ) -> tuple[CLIPModel, PreTrainedTokenizerBase, str]:
     """Load a Hugging Face-format CLIP (directory or hub id) and its tokenizer."""
+    from transformers import CLIPModel
+
     _check_model_type(resolved)
     try:
         with _quiet_progress():
@@ -193,6 +196,8 @@ def _load_hf(resolved: _Source, tokenizer_source: str | os.PathLike | None,
 def _quiet_progress() -> Iterator[None]:
     """Hide transformers' "Loading weights" bar (printed on every run) while loading, then put
     back whatever the caller had set."""
+    from transformers.utils import logging as hf_logging
+
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -218,6 +223,8 @@ def _unreadable_weights_message(resolved: _Source, error: Exception) -> str:
 
 def _check_model_type(resolved: _Source) -> None:
     """Read config.json and refuse anything that is not a `transformers` CLIPModel."""
+    from transformers import PretrainedConfig
+
     if isinstance(resolved.location, Path) and not (resolved.location / "config.json").is_file():
         files = sorted(p.name for p in resolved.location.iterdir())
         raise FileNotFoundError(
@@ -281,6 +288,8 @@ def _check_loading_info(info: Mapping[str, object], name: str) -> None:
 def _load_tokenizer(location: str | os.PathLike, model_name: str,
                     ) -> tuple[PreTrainedTokenizerBase, str]:
     """Load a tokenizer from a local directory or hub id; say what to download if absent."""
+    from transformers import AutoTokenizer
+
     path = Path(location).expanduser()
     is_hub_id = isinstance(location, str) and not path.exists() and _looks_like_hub_id(location)
     if not is_hub_id and not path.is_dir():
@@ -328,9 +337,12 @@ def _load_checkpoint(path: Path, tokenizer_source: str | os.PathLike | None, hid
         check_tokenizer(tokenizer, state_dict[TOKEN_EMBEDDING_KEY].shape[0], tokenizer_name)
     config, converted = convert_openai_state_dict(state_dict, hidden_act=hidden_act,
                                                   **_special_ids(tokenizer))
-    model, info = CLIPModel.from_pretrained(
-        None, config=config, state_dict=converted, dtype=torch.float32, output_loading_info=True,
-        ignore_mismatched_sizes=True)
+    from transformers import CLIPModel
+
+    with _quiet_progress():
+        model, info = CLIPModel.from_pretrained(
+            None, config=config, state_dict=converted, dtype=torch.float32,
+            output_loading_info=True, ignore_mismatched_sizes=True)
     _check_loading_info(info, str(path))
     return model, tokenizer, tokenizer_name
 

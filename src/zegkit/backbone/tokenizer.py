@@ -7,9 +7,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from tokenizers import pre_tokenizers
-from transformers import CLIPTokenizer, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # imported where used: `transformers` takes seconds to import
+    from transformers import CLIPTokenizer, PreTrainedTokenizerBase
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"  # CLIP's BPE end-of-word marker
@@ -28,6 +31,8 @@ def train_clip_tokenizer(
     frequent pairs depend on hash order (two runs give different ids), ties here go to the
     lexicographically smallest pair, so the same texts always give the same tokenizer.
     """
+    from transformers import CLIPTokenizer
+
     backend = CLIPTokenizer()._tokenizer
     counts: dict[str, int] = {}
     for text in texts:

@@ -14,13 +14,16 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from zegkit.backbone.attention import VANILLA, BlockSurgery, Grid
+
+if TYPE_CHECKING:  # imported where used: `transformers` takes seconds to import
+    from transformers import CLIPModel, PreTrainedTokenizerBase
 
 # CLIP's pixel normalisation (OpenAI, used by every CLIP release zegkit loads unless its
 # preprocessor_config.json says otherwise).
