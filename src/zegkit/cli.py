@@ -483,7 +483,6 @@ def run_eval(args: argparse.Namespace) -> None:
         run_eval,
         run_eval_all,
     )
-
     from zegkit.hardware import check_device
 
     output = args.output or Path("results") / f"{args.dataset}_{args.method}.json"
