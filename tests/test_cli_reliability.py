@@ -144,6 +144,15 @@ def test_eval_on_cuda_without_cuda_is_refused(tiny_clip_dir, synthetic_root, tmp
     assert not output.exists()
 
 
+def test_train_on_cuda_without_cuda_is_refused_before_anything_runs(tmp_path, capsys, no_cuda):
+    from zegkit.train.recipes import RECIPES
+
+    out = tmp_path / "run"
+    status = main(["train", "--recipe", sorted(RECIPES)[0], "--out", str(out), "--device", "cuda"])
+    assert status == EXIT_USAGE and "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_unknown_device_is_refused(tmp_path, capsys):
     photo = _image(tmp_path / "p.png")
     assert _segment(tmp_path / "no-such-model", tmp_path / "o", photo,

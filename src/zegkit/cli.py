@@ -591,6 +591,10 @@ def run_train(args: argparse.Namespace) -> None:
     from zegkit.train.recipes import get_recipe, with_overrides
 
     recipe = get_recipe(args.recipe)
+    if args.device is not None:
+        from zegkit.hardware import check_device
+
+        check_device(args.device)
     if args.method is not None and args.method != recipe.method:
         raise ValueError(f"Recipe {recipe.name!r} trains {recipe.method!r}, not {args.method!r}; "
                          "pick a recipe of that method.")
