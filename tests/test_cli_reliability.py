@@ -121,6 +121,17 @@ def test_too_many_classes_are_refused_before_the_model_loads(tmp_path, capsys):
     assert "65536 classes" in err and "at most 65535" in err and "no-such-model" not in err
 
 
+@pytest.mark.parametrize("option", ["--limit=0", "--num-workers=-1", "--progress-every=0",
+                                    "--bootstrap=-5", "--limit=two"])
+def test_eval_counts_are_refused_while_parsing(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--dataset", "synthetic", "--data-root", str(tmp_path), "--model", "none",
+              option])
+    assert exit_.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"argument {option.split('=')[0]}: must be" in err
+
+
 # ---- devices ---------------------------------------------------------------------------------
 @pytest.fixture
 def no_cuda(monkeypatch):

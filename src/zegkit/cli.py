@@ -47,6 +47,22 @@ def positive_finite(text: str) -> float:
     return value
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low`, so a bad count is refused while parsing, before
+    any data or model loads."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _default(config: type, name: str) -> object:
     """The default of dataclass field `name`, for help texts (each default lives once)."""
     return next(f.default for f in fields(config) if f.name == name)
@@ -455,19 +471,21 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--progress-every",
-        type=int,
+        type=int_at_least(1),
         default=50,
         help="images between progress-file updates (default: 50)",
     )
     parser.add_argument(
-        "--num-workers", type=int, default=2, help="image-decoding worker processes (default: 2)"
+        "--num-workers", type=int_at_least(0), default=2,
+        help="image-decoding worker processes (default: 2)"
     )
     parser.add_argument(
-        "--limit", type=int, default=None, help="evaluate only the first N images (default: all)"
+        "--limit", type=int_at_least(1), default=None,
+        help="evaluate only the first N images (default: all)"
     )
     parser.add_argument(
         "--bootstrap",
-        type=int,
+        type=int_at_least(0),
         default=0,
         help="resamples of the images for 95%% intervals of mIoU; with --method all the result "
         "keeps per-image counts for zegkit.evaluate.compare_results (default: 0, none)",
@@ -576,13 +594,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KEY=VALUE",
                         help="override a recipe field (iterations=100, lr=1e-4) or, for other "
                         "keys, a method setting (prompt_tokens=5); repeatable (default: none)")
-    parser.add_argument("--max-steps", type=int, default=None,
+    parser.add_argument("--max-steps", type=int_at_least(1), default=None,
                         help="stop after N steps; the schedule stays the recipe's (default: all)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out exactly where its last checkpoint left it")
-    parser.add_argument("--num-workers", type=int, default=2,
+    parser.add_argument("--num-workers", type=int_at_least(0), default=2,
                         help="data-loading worker processes per process (default: 2)")
-    parser.add_argument("--log-every", type=int, default=10,
+    parser.add_argument("--log-every", type=int_at_least(1), default=10,
                         help="steps between log lines (default: 10)")
 
 
@@ -638,6 +656,19 @@ def run_serve(args: argparse.Namespace) -> None:
     serve.run(args)
 
 
+# ---- bench ----------------------------------------------------------------------------------
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from zegkit import bench
+
+    bench.add_arguments(parser)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from zegkit import bench
+
+    bench.run(args)
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None] | None, Callable]
 COMMANDS: dict[str, Command] = {
     "segment": ("segment images with any class names", add_segment_arguments, run_segment),
@@ -668,6 +699,12 @@ COMMANDS: dict[str, Command] = {
         "a browser page: segment any image with any class names, compare two methods",
         add_serve_arguments,
         run_serve,
+    ),
+    "bench": (
+        "seconds per image of each method vs the plain CLIP forward on the same crops, and "
+        "peak memory",
+        add_bench_arguments,
+        run_bench,
     ),
 }
 
