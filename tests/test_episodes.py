@@ -179,3 +179,28 @@ def test_episodes_with_zoom_in_only_add_foreground(scenes, tiny_clip_dir):
     evaluate_episodes(recorder(zoomed, "zoomed"), scenes, protocol, progress=False)
     for before, after in zip(masks["plain"], masks["zoomed"], strict=True):
         assert ((before == 1) <= (after == 1)).all()  # the union never removes foreground
+
+
+def test_a_fold_set_loads_each_folds_checkpoint_and_averages(scenes, tiny_clip_dir, tmp_path):
+    from zegkit.backbone import load_clip
+    from zegkit.methods import create_method
+    from zegkit.methods.checkpoint import save_method
+
+    backbone = load_clip(str(tiny_clip_dir))
+    for fold in range(4):
+        torch.manual_seed(fold)
+        method = create_method("clsclip", decoder_dim=16, layers=(1,))
+        method.build(backbone)
+        save_method(method, tmp_path / f"fold{fold}" / "last.safetensors", backbone)
+    pattern = str(tmp_path / "fold{fold}" / "last.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"x0/last"):  # {fold} -> 0, no such file
+        run_episode_eval("synthetic", scenes.root, "synthetic-4x5", method="clsclip",
+                         model=str(tiny_clip_dir), checkpoint=pattern.replace("fold{", "x{"),
+                         progress=False)
+    result = run_episode_eval("synthetic", scenes.root, "synthetic-4x5", method="clsclip",
+                              model=str(tiny_clip_dir), checkpoint=pattern, progress=False)
+    assert [fold["protocol"] for fold in result["folds"]] == [
+        f"synthetic-4x5-fold{k}" for k in range(4)]
+    assert result["mIoU"] == pytest.approx(np.mean([f["mIoU"] for f in result["folds"]]))
+    assert result["num_episodes"] == 4000 and set(result["IoU"]) == set(CLASSES)
+    assert result["settings"]["checkpoint"] == pattern
