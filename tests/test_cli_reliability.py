@@ -259,7 +259,13 @@ def test_skip_errors_skips_unreadable_images_and_reports_them(tiny_clip_dir, fol
     (folder / "d.png").write_text("not an image")  # fails the header check
     out = tmp_path / "out"
     assert _segment(tiny_clip_dir, out, folder) == EXIT_USAGE  # without the flag: refused
-    assert "d.png" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert "d.png" in err and "--skip-errors" in err and not out.exists()
+    (folder / "d.png").unlink()  # now only c.jpg, whose damage shows while decoding
+    assert _segment(tiny_clip_dir, out, folder) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "c.jpg" in err and "The 2 image(s) before it were saved" in err
+    (folder / "d.png").write_text("not an image")
     assert _segment(tiny_clip_dir, out, folder, extra=["--skip-errors"]) == EXIT_SKIPPED
     captured = capsys.readouterr()
     assert "Skipped 2 image(s)" in captured.err

@@ -385,7 +385,10 @@ def run_segment(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out")
     paths = expand_inputs(args.inputs)
     check_outputs_spare_inputs(paths, args.out)
-    images, skipped = readable_images(paths, skip_errors=args.skip_errors)
+    try:
+        images, skipped = readable_images(paths, skip_errors=args.skip_errors)
+    except ValueError as error:
+        raise ValueError(f"{error} (--skip-errors skips such files)") from None
     if args.skip_existing:
         todo = [path for path in images if not has_outputs(args.out, path.stem)]
         print(f"Skipping {len(images) - len(todo)} image(s) whose outputs exist in {args.out}")
@@ -427,7 +430,10 @@ def segment_images(segmenter, images: Sequence[Path], out: Path, *, skip_errors:
                     image = load_image(path)  # damage the header check could not see
                 except ValueError as error:
                     if not skip_errors:
-                        raise
+                        raise ValueError(
+                            f"{error} The {saved} image(s) before it were saved; --skip-errors "
+                            "skips such files, --skip-existing keeps the saved ones."
+                        ) from None
                     skipped.append((path, str(error)))
                     continue
                 written = segmenter.segment(image).save(out, path.stem, image)
