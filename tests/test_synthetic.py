@@ -110,6 +110,15 @@ def test_materials_share_a_palette_by_at_most_two_classes():
         assert 0.15 < tone.mean() < 0.85, pattern
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_scene_mask_is_the_rendered_scenes_mask(version):
+    for seed in range(30):
+        for size, zoom in ((224, 1.0), ((96, 160), 2.0)):
+            expected = generate_scene([seed, 7], size, zoom, version=version).mask
+            got = synthetic.scene_mask([seed, 7], size, zoom, version=version)
+            assert got.dtype == expected.dtype and np.array_equal(got, expected), (seed, size)
+
+
 def test_version_1_stays_reproducible():
     """Golden hash of a version-1 scene (the README's example before version 2)."""
     scene = generate_scene([2024, 54], 448, version=1)

@@ -139,6 +139,8 @@ def test_synthetic_training_scenes_are_fixed_and_not_evaluation_scenes():
     evaluation = synthetic.generate_scene(np.random.default_rng([3, 2]), 32)  # write_dataset's
     assert not np.array_equal(image.permute(1, 2, 0).numpy(), evaluation.image)
     assert not torch.equal(image, SyntheticTrainingSet(4, seed=4, size=32)[2][0])
+    for index in range(4):  # the layout-only mask the fold filter reads is the item's mask
+        assert np.array_equal(dataset.read_checked_mask(index), dataset[index][1].numpy())
 
 
 # ---- zero-shot labels -------------------------------------------------------------------------

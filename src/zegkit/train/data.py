@@ -132,12 +132,14 @@ class SyntheticTrainingSet(Dataset):
         return (f"SyntheticTrainingSet(num_scenes={self.num_scenes}, seed={self.seed}, "
                 f"size={self.size}, version={self.version})")
 
-    def scene(self, index: int) -> synthetic.Scene:
-        """The generated scene `index`."""
+    def _scene_rng(self, index: int) -> np.random.Generator:
         if not 0 <= index < self.num_scenes:
             raise IndexError(f"index {index} out of range for {self.num_scenes} scenes")
-        rng = _spawned_rng(SCENE_STREAM, self.seed, index)
-        return synthetic.generate_scene(rng, self.size, version=self.version)
+        return _spawned_rng(SCENE_STREAM, self.seed, index)
+
+    def scene(self, index: int) -> synthetic.Scene:
+        """The generated scene `index`."""
+        return synthetic.generate_scene(self._scene_rng(index), self.size, version=self.version)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         scene = self.scene(index)
@@ -145,8 +147,9 @@ class SyntheticTrainingSet(Dataset):
         return image, torch.from_numpy(scene.mask.astype(np.int64)), f"train-{index:06d}"
 
     def read_checked_mask(self, index: int) -> np.ndarray:
-        """The mask of scene `index` (generated masks are valid by construction)."""
-        return self.scene(index).mask.astype(np.int64)
+        """The mask of scene `index` (valid by construction), without rendering its image."""
+        mask = synthetic.scene_mask(self._scene_rng(index), self.size, version=self.version)
+        return mask.astype(np.int64)
 
 
 TrainingSet = SegmentationDataset | SyntheticTrainingSet
