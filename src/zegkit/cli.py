@@ -662,6 +662,19 @@ def run_serve(args: argparse.Namespace) -> None:
     serve.run(args)
 
 
+# ---- bench ----------------------------------------------------------------------------------
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from zegkit import bench
+
+    bench.add_arguments(parser)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from zegkit import bench
+
+    bench.run(args)
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None] | None, Callable]
 COMMANDS: dict[str, Command] = {
     "segment": ("segment images with any class names", add_segment_arguments, run_segment),
@@ -692,6 +705,12 @@ COMMANDS: dict[str, Command] = {
         "a browser page: segment any image with any class names, compare two methods",
         add_serve_arguments,
         run_serve,
+    ),
+    "bench": (
+        "seconds per image of each method vs the plain CLIP forward on the same crops, and "
+        "peak memory",
+        add_bench_arguments,
+        run_bench,
     ),
 }
 

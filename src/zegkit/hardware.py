@@ -4,25 +4,38 @@ assumed, because the machines zegkit runs on differ."""
 
 from __future__ import annotations
 
+import platform
 from functools import cache
 from pathlib import Path
 
 import torch
 
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # oneDNN runs bf16 matmuls natively with either
 
 
 @cache
-def _cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where it does not exist)."""
+def _cpuinfo_field(name: str) -> str:
+    """The first value of field `name` in /proc/cpuinfo ("" where it or the file is absent)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else `platform.processor()`), for reports."""
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
+
+
+def cpu_bf16_flags() -> list[str]:
+    """Which of the flags that make CPU bf16 native (CPU_BF16_FLAGS) this CPU has."""
+    flags = set(_cpuinfo_field("flags").split())
+    return [flag for flag in CPU_BF16_FLAGS if flag in flags]
 
 
 def native_bf16(device: str | torch.device) -> bool:
@@ -31,7 +44,7 @@ def native_bf16(device: str | torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return any(flag in _cpu_flags() for flag in CPU_BF16_FLAGS)
+        return bool(cpu_bf16_flags())
     return False
 
 

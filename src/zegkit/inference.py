@@ -10,6 +10,7 @@ background label 0.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,12 @@ class InferenceConfig:
             raise ValueError(f"background_threshold is a probability in [0, 1], got {threshold}.")
 
 
+def precision_context(precision: str, device: str | torch.device) -> AbstractContextManager:
+    """Autocast to `precision`'s dtype (a PRECISIONS key) on `device`; fp32 disables it."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def resized_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
     """Size after scaling the short side to `short_side`, the long side capped at MAX_LONG_SIDE."""
     if short_side is None:
@@ -123,6 +130,23 @@ def pad_to(images: Tensor, size: int) -> Tensor:
     return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
 
 
+def sliding_crops(padded: Tensor, config: InferenceConfig) -> tuple[Tensor, list[tuple[int, int]]]:
+    """The sliding-window crops of images (B, 3, H, W) at least one crop in size (`pad_to`).
+
+    Returns:
+        crops (B * n, 3, crop, crop), image-major, and the n window corners (y, x).
+    """
+    boxes = [
+        (y, x)
+        for y in window_starts(padded.shape[-2], config.crop, config.stride)
+        for x in window_starts(padded.shape[-1], config.crop, config.stride)
+    ]
+    crops = torch.stack(
+        [padded[:, :, y : y + config.crop, x : x + config.crop] for y, x in boxes], 1
+    )
+    return crops.flatten(0, 1), boxes  # (B * n, 3, crop, crop)
+
+
 def sliding_scores(crop_scores: CropScores, pixels: Tensor, config: InferenceConfig) -> Tensor:
     """Stitch a method's scores over sliding crops of normalised `pixels` (B, 3, H, W).
 
@@ -134,15 +158,7 @@ def sliding_scores(crop_scores: CropScores, pixels: Tensor, config: InferenceCon
     """
     batch, _, height, width = pixels.shape
     padded = pad_to(pixels, config.crop)
-    boxes = [
-        (y, x)
-        for y in window_starts(padded.shape[-2], config.crop, config.stride)
-        for x in window_starts(padded.shape[-1], config.crop, config.stride)
-    ]
-    crops = torch.stack(
-        [padded[:, :, y : y + config.crop, x : x + config.crop] for y, x in boxes], 1
-    )
-    crops = crops.flatten(0, 1)  # (B * n_boxes, 3, crop, crop), image-major
+    crops, boxes = sliding_crops(padded, config)
     total = count = None
     for start in range(0, crops.shape[0], config.crop_batch):
         chunk = crop_scores(crops[start : start + config.crop_batch]).float()

@@ -28,6 +28,7 @@ from zegkit.inference import (
     InferenceConfig,
     background_class,
     decide_labels,
+    precision_context,
     resize,
     resized_size,
     sliding_scores,
@@ -280,8 +281,7 @@ class Segmenter:
         def crop_scores(crops: Tensor) -> Tensor:
             return self.method(self.backbone, crops, text)
 
-        dtype = PRECISIONS[self.config.precision]
-        with torch.autocast(pixels.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with precision_context(self.config.precision, pixels.device):
             if self.config.mode == "whole":
                 return whole_scores(crop_scores, pixels, self.backbone.patch_size)
             return sliding_scores(crop_scores, pixels, self.config)
