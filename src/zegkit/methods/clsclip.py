@@ -292,7 +292,7 @@ class ClsCLIP(Method):
         """Foreground logits (B, K, h, w) of crops (B, 3, H, W) for each class row of `text`;
         a "background" row holds the logit of `background_probability`."""
         rows = scored_rows(text)
-        grid = (pixels.shape[-2] // backbone.patch_size, pixels.shape[-1] // backbone.patch_size)
+        grid = backbone.grid_size(pixels)
         p = self.config.background_probability
         logits = pixels.new_full((pixels.shape[0], text.num_classes, *grid), math.log(p / (1 - p)),
                                  dtype=torch.float32)
