@@ -177,7 +177,9 @@ class ClsCLIPHead(nn.Module):
 def training_pairs(labels: Tensor, candidates: Tensor, present: int, absent: int
                    ) -> tuple[Tensor, Tensor]:
     """Random (image, class) training pairs of a batch (torch's global RNG, so a resumed run
-    draws the same ones).
+    draws the same ones). Each process draws for its own share of the batch, so a run on N
+    processes draws other pairs than one process would (the same distribution, not the same
+    numbers): unlike ZegCLIP's loss, it is not bit-identical across process counts.
 
     Args:
         labels: (B, H, W) class indices, IGNORE_INDEX unlabelled.
