@@ -2,16 +2,27 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import make_tiny_clip
 
+from zegkit import inference
+from zegkit.backbone import ClipBackbone
 from zegkit.inference import (
     InferenceConfig,
     decide_labels,
+    decide_stitched,
+    pad_to,
+    resize,
+    resize_matrices,
     resized_size,
+    sliding_crops,
     sliding_scores,
     whole_scores,
     window_starts,
 )
-from zegkit.scores import Activation, DenseScores, class_probabilities
+from zegkit.methods import create_method
+from zegkit.scores import Activation, DenseScores, class_probabilities, row_classes
+from zegkit.segmenter import Segmenter
 
 
 class _Vocabulary:
@@ -49,14 +60,14 @@ def _pixelwise(crops):
 def test_sliding_equals_pixelwise_everywhere():
     pixels = torch.randn(2, 3, 250, 333)
     config = InferenceConfig(crop=64, stride=40, crop_batch=5)
-    stitched = sliding_scores(_pixelwise, pixels, config)
+    stitched = sliding_scores(_pixelwise, pixels, config).values()
     assert stitched.shape == (2, 2, 250, 333)
     assert torch.allclose(stitched, _pixelwise(pixels), atol=1e-5)
 
 
 def test_image_smaller_than_crop_is_padded_then_cut():
     pixels = torch.randn(1, 3, 50, 70)
-    stitched = sliding_scores(_pixelwise, pixels, InferenceConfig(crop=64, stride=32))
+    stitched = sliding_scores(_pixelwise, pixels, InferenceConfig(crop=64, stride=32)).values()
     assert stitched.shape == (1, 2, 50, 70)
     assert torch.allclose(stitched, _pixelwise(pixels), atol=1e-5)
 
@@ -71,6 +82,8 @@ def test_whole_mode_pads_to_patch_multiple():
 
     out = whole_scores(method, pixels, patch_size=16)
     assert seen == [(64, 80)] and out.shape == (1, 2, 50, 70)
+    expected = resize(_pixelwise(F.pad(pixels, (0, 10, 0, 14))), (64, 80))[..., :50, :70]
+    torch.testing.assert_close(out.values(), expected, atol=1e-5, rtol=0)
 
 
 def test_synonym_max_and_background_threshold():
@@ -153,3 +166,134 @@ def test_unit_images_scales_uint8():
 
     images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     assert torch.equal(unit_images(images), torch.ones(1, 3, 2, 2))
+
+
+# ---- stitching at the crops' resolution, deciding a few classes at a time ---------------------
+def _reference_sliding(crop_scores, pixels, config):
+    """The protocol as written (SCLIP / mmseg slide inference, zegkit before issue 17): every
+    crop's scores resized to the crop and added into a full-resolution canvas, then averaged."""
+    batch, _, height, width = pixels.shape
+    padded = pad_to(pixels, config.crop)
+    crops, boxes = sliding_crops(padded, config)
+    scores = resize(crop_scores(crops).float(), (config.crop, config.crop))
+    total = torch.zeros(batch, scores.shape[1], *padded.shape[-2:])
+    count = torch.zeros(1, 1, *padded.shape[-2:])
+    for offset, crop in enumerate(scores):
+        image, box = divmod(offset, len(boxes))
+        y, x = boxes[box]
+        total[image, :, y : y + config.crop, x : x + config.crop] += crop
+        count[..., y : y + config.crop, x : x + config.crop] += 1 / batch
+    return (total / count)[..., :height, :width]
+
+
+def _patch_scores(rows: int, patch: int = 16):
+    """A 'method' with scores at patch resolution (one per 16-px cell), like CLIP methods."""
+    torch.manual_seed(3)
+    mix = torch.randn(rows, 3)
+
+    def scores(crops):
+        cells = F.avg_pool2d(crops, patch)  # (B, 3, h, w)
+        return torch.einsum("rc,bchw->brhw", mix, cells).tanh()
+
+    return scores
+
+
+@pytest.mark.parametrize(("size", "new_size"), [((14, 14), (224, 224)), ((40, 60), (23, 90)),
+                                                ((50, 70), (17, 31)), ((9, 9), (9, 9))])
+def test_resize_matrices_are_resize(size, new_size):
+    x = torch.randn(2, 3, *size)
+    my, mx = resize_matrices(size, new_size)
+    torch.testing.assert_close(my @ x @ mx.T, resize(x, new_size), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("shape", "crop", "stride"), [((2, 3, 250, 333), 64, 40),
+                                                       ((1, 3, 448, 597), 224, 112),
+                                                       ((1, 3, 50, 70), 64, 32)])
+def test_stitched_scores_equal_the_full_resolution_canvas(shape, crop, stride):
+    pixels = torch.rand(shape)
+    config = InferenceConfig(crop=crop, stride=stride, crop_batch=7)
+    method = _patch_scores(5)
+    stitched = sliding_scores(method, pixels, config)
+    expected = _reference_sliding(method, pixels, config)
+    torch.testing.assert_close(stitched.values(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stitched.values(slice(1, 3)), expected[:, 1:3], atol=1e-5, rtol=0)
+    resized = stitched.resized((shape[2] * 3 // 2, shape[3] // 2))
+    torch.testing.assert_close(resized.values(), resize(expected, resized.shape[-2:]),
+                               atol=1e-5, rtol=0)
+
+
+def test_chunked_decision_equals_the_full_one(monkeypatch):
+    """Synonym rows, softmax, a threshold and means: one class per chunk == all at once."""
+    text = _Vocabulary()
+    grid = torch.randn(2, 4, 6, 8)
+    along_y, along_x = torch.rand(30, 6), torch.rand(20, 8)  # weighted means, as stitching's
+    stitched = inference.StitchedScores(grid, along_y / along_y.sum(1, keepdim=True),
+                                        along_x / along_x.sum(1, keepdim=True))
+    activation = Activation("softmax", 10.0)
+    probabilities = class_probabilities(DenseScores(stitched.values(), activation), text)
+    rows = row_classes("synonyms", 4, text)
+    whole = decide_stitched(stitched, activation, rows, 0.5, 0, means=True)
+    monkeypatch.setattr(inference, "DECISION_CHUNK_BYTES", 1)
+    starts = inference._class_starts(rows)
+    assert starts == [0, 2, 3, 4]
+    assert inference._class_chunks(starts, stitched.shape) == [slice(0, 1), slice(1, 2),
+                                                                slice(2, 3)]
+    chunked = decide_stitched(stitched, activation, rows, 0.5, 0, means=True)
+    expected = decide_labels(probabilities, 0.5, 0)
+    assert (expected == 0).any() and (expected != 0).any()  # the threshold bites somewhere
+    for decision in (whole, chunked):
+        assert torch.equal(decision.labels, expected)
+        torch.testing.assert_close(decision.mean_probabilities, probabilities.mean((2, 3)),
+                                   atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tiny_tokenizer):
+    return ClipBackbone(make_tiny_clip(16), tiny_tokenizer, "tiny")
+
+
+CLASSES = ["background; wall", "person; people; man", "dog", "cat", "grass", "sky", "tree; brick",
+           "road", "car"]
+
+
+@pytest.mark.parametrize(("method", "settings", "size"), [
+    ("maskclip", {"short_side": None, "crop": 64, "stride": 40}, (97, 131)),
+    ("sclip", {"short_side": 80, "crop": 48, "stride": 32, "background_threshold": 0.12},
+     (120, 90)),
+    ("cliper", {"short_side": 64, "crop": 48, "stride": 24}, (61, 200)),
+    ("naive", {"short_side": 72, "mode": "whole"}, (50, 77)),
+])
+def test_segmenter_labels_equal_the_full_resolution_protocol(tiny_backbone, method, settings,
+                                                             size):
+    """Labels as the protocol computed them before issue 17 (every class at every pixel, one
+    softmax), probabilities within 1e-5, on random images of a few sizes."""
+    extra = {"compensation": False} if method == "cliper" else {}
+    config = InferenceConfig(**settings)
+    segmenter = Segmenter(tiny_backbone, create_method(method, **extra), config,
+                          templates="single")
+    text = segmenter.set_vocabulary(CLASSES)
+    images = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(size[0]))
+
+    def crop_scores(crops):
+        return segmenter.method(tiny_backbone, crops, text)
+
+    height, width = size
+    pixels = segmenter.method.normalize(
+        tiny_backbone, resize(images, resized_size(height, width, config.short_side)))
+    with torch.no_grad():
+        if config.mode == "whole":
+            padded = F.pad(pixels, (0, -pixels.shape[-1] % 16, 0, -pixels.shape[-2] % 16))
+            stitched = resize(crop_scores(padded).float(), padded.shape[-2:])
+            stitched = stitched[..., : pixels.shape[-2], : pixels.shape[-1]]
+        else:
+            stitched = _reference_sliding(crop_scores, pixels, config)
+    values = resize(stitched, size)
+    expected = class_probabilities(
+        DenseScores(values, segmenter.method.activation(), segmenter.method.rows), text)
+    torch.testing.assert_close(segmenter.probabilities(images), expected, atol=1e-5, rtol=0)
+    labels = decide_labels(expected, config.background_threshold, segmenter._background)
+    assert torch.equal(segmenter.predict(images), labels)
+    decision = segmenter.decision(images, means=True)
+    assert torch.equal(decision.labels, labels)
+    torch.testing.assert_close(decision.mean_probabilities, expected.mean((2, 3)), atol=1e-5,
+                               rtol=0)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from zegkit.scores import Activation
 
 # mmseg's Resize(scale=(2048, S), keep_ratio=True) in the field's configs: the long side is capped.
 MAX_LONG_SIDE = 2048
@@ -25,6 +27,11 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Below-threshold pixels go to the class with this display name (the datasets' class 0).
 BACKGROUND_NAME = "background"
 UINT8_MAX = 255
+
+# Bytes of full-resolution scores the class decision expands at once: some dozens of classes of
+# a 448 x 597 image, one class of a 12-MP photo (`decide_stitched`).
+DECISION_CHUNK_BYTES = 64 * 2**20
+FLOAT32_BYTES = 4
 
 CropScores = Callable[[Tensor], Tensor]
 
@@ -147,44 +154,128 @@ def sliding_crops(padded: Tensor, config: InferenceConfig) -> tuple[Tensor, list
     return crops.flatten(0, 1), boxes  # (B * n, 3, crop, crop)
 
 
-def sliding_scores(crop_scores: CropScores, pixels: Tensor, config: InferenceConfig) -> Tensor:
+@dataclass(frozen=True)
+class StitchedScores:
+    """A batch's dense scores at full resolution, kept factored so that no (R, H, W) tensor is
+    needed until asked for: the score of row r at pixel (y, x) of the stitched image is
+    ``along_y[y] @ grid[:, r] @ along_x[x]``, then resized to `size`.
+
+    Stitching, averaging and cropping are linear and act on the two image axes separately, so
+    the windows' scores are kept side by side at their own (patch) resolution in `grid` and each
+    axis's chain of those steps is one matrix. The final resize to the input image (up to
+    12 MP and more) stays a `resize`, whose 2-4 taps per pixel cost less than a dense matrix.
+    `values` expands any rows to pixels; the class decision (`decide_stitched`) does it a few
+    classes at a time.
+
+    Attributes:
+        grid: B x R x gh x gw float32: window (i, j)'s scores (R, h, w) fill block (i, j).
+        along_y: h' x gh float32, how each row of the stitched image mixes the grid's rows:
+            non-negative weights summing to 1 per row (a weighted mean, as every step is).
+        along_x: w' x gw float32, the same for columns.
+        size: (H, W) the stitched image is resized to; None: (h', w') as it is.
+    """
+
+    grid: Tensor
+    along_y: Tensor
+    along_x: Tensor
+    size: tuple[int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, R, H, W) of the full-resolution scores."""
+        size = self.size or (self.along_y.shape[0], self.along_x.shape[0])
+        return (*self.grid.shape[:2], *size)
+
+    def values(self, rows: slice = slice(None)) -> Tensor:
+        """The scores of `rows` at full resolution, B x r x H x W float32."""
+        with torch.autocast(self.grid.device.type, enabled=False):
+            stitched = self.along_y @ (self.grid[:, rows] @ self.along_x.T)
+        return stitched if self.size is None else resize(stitched, self.size)
+
+    def resized(self, size: tuple[int, int]) -> StitchedScores:
+        """The same scores as `resize(self.values(), size)` gives them.
+
+        Raises:
+            ValueError: already resized (two bilinear resizes are not one).
+        """
+        if self.size is not None:
+            raise ValueError(f"These scores are already resized to {self.size}.")
+        unchanged = tuple(size) == tuple(self.shape[-2:])
+        return self if unchanged else replace(self, size=tuple(size))
+
+
+def resize_matrices(size: tuple[int, int], new_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """`resize` from `size` (H, W) to `new_size` (H', W') as two matrices (H' x H, W' x W):
+    ``resize(x, new_size) == my @ x @ mx.T`` (bilinear interpolation acts on each axis alone)."""
+    if tuple(size) == tuple(new_size):
+        return torch.eye(size[0]), torch.eye(size[1])
+    antialias = new_size[0] < size[0] or new_size[1] < size[1]  # as `resize` decides
+    return tuple(_axis_matrix(n, m, antialias) for n, m in zip(size, new_size, strict=True))
+
+
+def _axis_matrix(length: int, new_length: int, antialias: bool) -> Tensor:
+    """(new_length, length): bilinear resizing of one axis, read off by resizing one-hots."""
+    # (1, length one-hots, 1, length): resized along the width, where torch's kernels treat
+    # this layout as plainly contiguous (a (1, n, n, 1) one also reads as channels-last)
+    one_hots = torch.eye(length)[None, :, None, :]
+    resized = F.interpolate(one_hots, size=(1, new_length), mode="bilinear",
+                            align_corners=False, antialias=antialias)
+    return resized[0, :, 0, :].T
+
+
+def _window_matrix(starts: Sequence[int], length: int, crop: int, cells: int) -> Tensor:
+    """(length, len(starts) * cells): each position averages the windows covering it, window i
+    contributing its `cells` scores resized to the crop (block i of the columns)."""
+    resized = resize_matrices((cells, 1), (crop, 1))[0]  # (crop, cells)
+    matrix = torch.zeros(length, len(starts) * cells)
+    for index, start in enumerate(starts):
+        matrix[start : start + crop, index * cells : (index + 1) * cells] = resized
+    covering = torch.zeros(length)
+    for start in starts:
+        covering[start : start + crop] += 1
+    return matrix / covering[:, None]
+
+
+def sliding_scores(crop_scores: CropScores, pixels: Tensor, config: InferenceConfig
+                   ) -> StitchedScores:
     """Stitch a method's scores over sliding crops of normalised `pixels` (B, 3, H, W).
 
-    Crops of every image are batched together, `config.crop_batch` per call. Each crop's scores
-    are resized to the crop and summed; each pixel is divided by the number of crops covering it.
+    Crops of every image are batched together, `config.crop_batch` per call. As the field's
+    protocol does, each crop's scores count as resized to the crop and each pixel is the mean
+    over the crops covering it; the result keeps them at the crops' own resolution
+    (`StitchedScores`), so memory does not grow with rows x pixels.
 
     Returns:
-        scores (B, R, H, W).
+        The scores, (B, R, H, W) once expanded.
     """
     batch, _, height, width = pixels.shape
     padded = pad_to(pixels, config.crop)
-    crops, boxes = sliding_crops(padded, config)
-    total = count = None
-    for start in range(0, crops.shape[0], config.crop_batch):
-        chunk = crop_scores(crops[start : start + config.crop_batch]).float()
-        chunk = resize(chunk, (config.crop, config.crop))
-        if total is None:
-            total = padded.new_zeros(batch, chunk.shape[1], *padded.shape[-2:], dtype=torch.float32)
-            count = padded.new_zeros(1, 1, *padded.shape[-2:], dtype=torch.float32)
-        for offset, crop in enumerate(chunk, start=start):
-            image, box = divmod(offset, len(boxes))
-            y, x = boxes[box]
-            total[image, :, y : y + config.crop, x : x + config.crop] += crop
-            if image == 0:
-                count[..., y : y + config.crop, x : x + config.crop] += 1
-    return (total / count)[..., :height, :width]
+    crops, _ = sliding_crops(padded, config)
+    scores = torch.cat([
+        crop_scores(crops[start : start + config.crop_batch]).float()
+        for start in range(0, crops.shape[0], config.crop_batch)
+    ])  # (B * n, R, h, w), image-major, windows row-major
+    ys = window_starts(padded.shape[-2], config.crop, config.stride)
+    xs = window_starts(padded.shape[-1], config.crop, config.stride)
+    rows, h, w = scores.shape[1:]
+    grid = scores.view(batch, len(ys), len(xs), rows, h, w).permute(0, 3, 1, 4, 2, 5)
+    grid = grid.reshape(batch, rows, len(ys) * h, len(xs) * w)
+    along_y = _window_matrix(ys, padded.shape[-2], config.crop, h)[:height]
+    along_x = _window_matrix(xs, padded.shape[-1], config.crop, w)[:width]
+    return StitchedScores(grid, along_y.to(grid.device), along_x.to(grid.device))
 
 
-def whole_scores(crop_scores: CropScores, pixels: Tensor, patch_size: int) -> Tensor:
-    """A method's scores over whole images (B, 3, H, W), resized back to (H, W).
+def whole_scores(crop_scores: CropScores, pixels: Tensor, patch_size: int) -> StitchedScores:
+    """A method's scores over whole images (B, 3, H, W), as resized back to (H, W).
 
     The input is zero-padded to a multiple of the patch size so every pixel lies in a patch.
     """
     height, width = pixels.shape[-2:]
     pad_h, pad_w = -height % patch_size, -width % patch_size
     scores = crop_scores(F.pad(pixels, (0, pad_w, 0, pad_h))).float()
-    scores = resize(scores, (height + pad_h, width + pad_w))
-    return scores[..., :height, :width]
+    along_y, along_x = resize_matrices(scores.shape[-2:], (height + pad_h, width + pad_w))
+    device = scores.device
+    return StitchedScores(scores, along_y[:height].to(device), along_x[:width].to(device))
 
 
 def decide_labels(
@@ -197,11 +288,131 @@ def decide_labels(
         ValueError: a threshold without a background index (no class would be a silent guess).
     """
     best, labels = probabilities.max(dim=1)
+    return _threshold(labels, best, background_threshold, background)
+
+
+def _threshold(labels: Tensor, best: Tensor, background_threshold: float | None,
+               background: int | None) -> Tensor:
+    """`labels` with the `background` class where the best probability `best` is below the
+    threshold (both (B, H, W)); see `decide_labels`."""
     if background_threshold is not None:
         if background is None:
             raise ValueError("A background threshold needs the index of the background class.")
         labels[best < background_threshold] = background
     return labels
+
+
+@dataclass
+class Decision:
+    """The class decision of a batch.
+
+    Attributes:
+        labels: (B, H, W) int64 class indices, background threshold applied.
+        mean_probabilities: (B, K) each class's probability averaged over the pixels, when
+            asked for (None otherwise).
+    """
+
+    labels: Tensor
+    mean_probabilities: Tensor | None = None
+
+
+def decide_stitched(
+    stitched: StitchedScores,
+    activation: Activation,
+    row_classes: Tensor,
+    background_threshold: float | None = None,
+    background: int | None = None,
+    means: bool = False,
+) -> Decision:
+    """`decide_labels(class_probabilities(...))` of stitched scores without holding them.
+
+    The rows are expanded to pixels a few classes at a time (DECISION_CHUNK_BYTES) and folded
+    into running (B, H, W) maps row by row: the labels are the class of each pixel's best row
+    (every activation is increasing in the score, so the best row is the most probable; ties
+    go to the first row, as an argmax does). A softmax's normaliser, needed only for the
+    background threshold and the means, is summed in the same pass, shifted by an upper bound
+    of each pixel's best score (`_best_score_bound`) so no exponential overflows; the means
+    take a second pass. Equal to the full computation up to float rounding.
+
+    Args:
+        stitched: scores (B, R, H, W) over the method's rows.
+        activation: how the scores become probabilities (over all R rows jointly).
+        row_classes: (R,) the class of each row, class-major (`zegkit.scores.row_classes`).
+        background_threshold, background: as `decide_labels`.
+        means: also return each class's mean probability over the pixels.
+
+    Raises:
+        ValueError: a threshold without a background index.
+    """
+    starts = _class_starts(row_classes.cpu())
+    chunks = _class_chunks(starts, stitched.shape)
+    joint = activation.kind == "softmax" and (background_threshold is not None or means)
+    shift = activation.scale * _best_score_bound(stitched) if joint else None
+    best = best_row = total = None
+    for classes in chunks:
+        rows = slice(starts[classes.start], starts[classes.stop])
+        values = stitched.values(rows)  # (B, r, H, W)
+        for index in range(rows.start, rows.stop):
+            row = values[:, index - rows.start]  # (B, H, W)
+            if best is None:
+                best = row.clone()
+                best_row = torch.zeros(best.shape, dtype=torch.long, device=best.device)
+                total = torch.zeros_like(best) if joint else None
+            else:  # in place: at 12 MP each (B, H, W) temporary is 48-96 MB
+                best_row.masked_fill_(row > best, index)
+                torch.maximum(best, row, out=best)
+            if joint:
+                total += (activation.scale * row - shift).exp_()
+    log_normalizer = shift + total.log() if joint else None
+    labels = row_classes.to(best_row.device)[best_row]
+    if background_threshold is not None:
+        confidence = activation.probabilities(best[:, None], log_normalizer)[:, 0]
+        labels = _threshold(labels, confidence, background_threshold, background)
+    if not means:
+        return Decision(labels)
+    return Decision(labels, _class_means(stitched, activation, starts, chunks, log_normalizer))
+
+
+def _class_means(stitched: StitchedScores, activation: Activation, starts: list[int],
+                 chunks: list[slice], log_normalizer: Tensor | None) -> Tensor:
+    """(B, K) each class's probability averaged over the pixels: a class's probability is
+    that of its best row (the activation is increasing), so one exponential per class."""
+    means = []
+    for classes in chunks:
+        first = starts[classes.start]
+        values = stitched.values(slice(first, starts[classes.stop]))  # (B, r, H, W)
+        for k in range(classes.start, classes.stop):
+            top = values[:, starts[k] - first : starts[k + 1] - first].amax(dim=1, keepdim=True)
+            means.append(activation.probabilities(top, log_normalizer)[:, 0].mean((1, 2)))
+    return torch.stack(means, dim=1)
+
+
+def _best_score_bound(stitched: StitchedScores) -> Tensor:
+    """(B, H, W), at least each pixel's best score over the rows and close to it: the rows' max
+    over the grid, stitched and resized like the scores (each pixel's score is a weighted mean
+    of grid cells with non-negative weights, so its max over rows is at most the same mean of
+    the cells' maxima)."""
+    return replace(stitched, grid=stitched.grid.amax(dim=1, keepdim=True)).values()[:, 0]
+
+
+def _class_starts(row_classes: Tensor) -> list[int]:
+    """The first row of each class and the row count (K + 1 ints) of class-major rows (R,)."""
+    classes = int(row_classes[-1]) + 1
+    return torch.searchsorted(row_classes, torch.arange(classes + 1)).tolist()
+
+
+def _class_chunks(starts: list[int], shape: tuple[int, int, int, int]) -> list[slice]:
+    """Runs of whole classes (slices of class indices) whose rows at full resolution
+    (B x r x H x W float32) fit DECISION_CHUNK_BYTES; one class at least."""
+    batch, _, height, width = shape
+    budget = max(1, DECISION_CHUNK_BYTES // (batch * height * width * FLOAT32_BYTES))
+    chunks, first = [], 0
+    for last in range(1, len(starts) - 1):  # does class `last` still fit the run from `first`?
+        if starts[last + 1] - starts[first] > budget:
+            chunks.append(slice(first, last))
+            first = last
+    chunks.append(slice(first, len(starts) - 1))
+    return chunks
 
 
 def background_class(classes: Sequence[Sequence[str]]) -> int:

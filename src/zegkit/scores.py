@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor
 
 from zegkit.text import TextEmbeddings, reduce_synonym_logits
@@ -44,6 +45,15 @@ class Activation:
             raise ValueError(f"Activation scale must be positive, got {self.scale}.")
         if self.kind == "identity" and self.scale != 1.0:
             raise ValueError("An 'identity' activation (probabilities already) takes no scale.")
+
+    def probabilities(self, values: Tensor, log_normalizer: Tensor | None) -> Tensor:
+        """Probabilities of some of the rows, values (B, r, ...), in float32: a softmax needs the
+        log of its normaliser over all rows, log_normalizer (B, ...) = logsumexp(scale · scores)
+        over dim 1; sigmoid and identity take None."""
+        values = values.float()
+        if self.kind == "softmax":
+            return (self.scale * values - log_normalizer[:, None]).exp()
+        return self(values)
 
     def __call__(self, scores: Tensor) -> Tensor:
         """Probabilities of scores (B, R, ...) over dim 1, in float32."""
@@ -84,6 +94,29 @@ class DenseScores:
     def probabilities(self) -> Tensor:
         """Per-row probabilities B x R x H x W (float32)."""
         return self.activation(self.values)
+
+
+def row_classes(kind: str, rows: int, text: TextEmbeddings) -> Tensor:
+    """The class of each of `rows` scored rows (R,), class-major: how `class_probabilities`
+    maps rows to classes, for code that reduces rows chunk by chunk.
+
+    Args:
+        kind: what the rows are, "synonyms" or "classes" (`DenseScores.rows`).
+        rows: how many rows were scored.
+        text: the vocabulary.
+
+    Raises:
+        ValueError: the number of rows does not match what `kind` declares.
+    """
+    expected = text.classifier.shape[0] if kind == "synonyms" else text.num_classes
+    if rows != expected:
+        raise ValueError(
+            f"Scores declared per {'classifier row' if kind == 'synonyms' else 'class'} have "
+            f"{rows} rows for a vocabulary of {expected} such rows ({text.num_classes} classes)."
+        )
+    if kind == "synonyms" and text.synonym_reduce == "max" and rows != text.num_classes:
+        return text.class_index
+    return torch.arange(text.num_classes)
 
 
 def class_probabilities(scores: DenseScores, text: TextEmbeddings) -> Tensor:

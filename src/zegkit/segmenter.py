@@ -25,9 +25,12 @@ from zegkit.data.protocols import Protocol, get_protocol
 from zegkit.hardware import check_device
 from zegkit.inference import (
     PRECISIONS,
+    Decision,
     InferenceConfig,
+    StitchedScores,
     background_class,
     decide_labels,
+    decide_stitched,
     precision_context,
     resize,
     resized_size,
@@ -45,7 +48,7 @@ from zegkit.io import (
     write_files_atomic,
 )
 from zegkit.methods import Method, create_method, method_name
-from zegkit.scores import DenseScores, class_probabilities
+from zegkit.scores import DenseScores, class_probabilities, row_classes
 from zegkit.text import TextEmbeddings, encode_vocabulary, parse_classes
 from zegkit.viz import class_fractions, label_png, overlay
 
@@ -249,13 +252,8 @@ class Segmenter:
             TypeError: not a torch tensor.
             ValueError: another layout, no pixels, or values outside [0, 1].
         """
-        text = self._require_text()
-        images = unit_images(images).to(self.backbone.device)
-        height, width = images.shape[-2:]
-        size = resized_size(height, width, self.config.short_side)
-        pixels = self.method.normalize(self.backbone, resize(images, size))
-        values = resize(self._stitched_scores(pixels, text), (height, width))
-        scores = DenseScores(values, self.method.activation(), self.method.rows)
+        images, stitched = self._stitched(images)
+        scores = DenseScores(stitched.values(), self.method.activation(), self.method.rows)
         for refiner in self.refiners:
             scores = refiner(images, scores)
         return scores
@@ -267,16 +265,30 @@ class Segmenter:
             ValueError: bad images (see `scores`), or the method produced NaN or infinity.
         """
         probabilities = class_probabilities(self.scores(images), self._require_text())
-        if not torch.isfinite(probabilities).all():
+        self._check_finite(probabilities)
+        return probabilities
+
+    def _check_finite(self, values: Tensor) -> None:
+        """Refuse NaN or infinite scores, naming the method's settings that likely caused them."""
+        if not torch.isfinite(values).all():
             raise ValueError(
                 f"Method {method_name(self.method)!r} produced NaN or infinite scores with "
                 f"settings {jsonable(asdict(self.method.config))}; check them (a logit_scale "
                 "must be a positive finite number, e.g. NACLIP's gaussian_std must be > 0)."
             )
-        return probabilities
 
-    def _stitched_scores(self, pixels: Tensor, text: TextEmbeddings) -> Tensor:
-        """The method's scores (B, R, h, w) over the resized image, by the configured mode."""
+    def _stitched(self, images: Tensor) -> tuple[Tensor, StitchedScores]:
+        """The checked images (B, 3, H, W) in [0, 1] and the method's stitched scores at their
+        resolution, before refinement."""
+        text = self._require_text()
+        images = unit_images(images).to(self.backbone.device)
+        height, width = images.shape[-2:]
+        size = resized_size(height, width, self.config.short_side)
+        pixels = self.method.normalize(self.backbone, resize(images, size))
+        return images, self._stitched_scores(pixels, text).resized((height, width))
+
+    def _stitched_scores(self, pixels: Tensor, text: TextEmbeddings) -> StitchedScores:
+        """The method's scores over the resized image, by the configured mode."""
 
         def crop_scores(crops: Tensor) -> Tensor:
             return self.method(self.backbone, crops, text)
@@ -288,7 +300,31 @@ class Segmenter:
 
     def predict(self, images: Tensor) -> Tensor:
         """Labels (B, H, W) for images (B, 3, H, W) in [0, 1]; background threshold applied."""
-        return self.decide(self.probabilities(images))
+        return self.decision(images).labels
+
+    @torch.no_grad()
+    def decision(self, images: Tensor, means: bool = False) -> Decision:
+        """Labels (B, H, W) and, with `means`, each class's mean probability (B, K) for images
+        (B, 3, H, W) in [0, 1] (or uint8), equal to `decide(probabilities(images))` and its
+        mean over the pixels up to float rounding.
+
+        Without refiners the classes are decided a few at a time from the stitched scores
+        (`decide_stitched`), so memory does not grow with classes x pixels; refiners need every
+        class at full resolution, so with them this goes through `probabilities`.
+
+        Raises:
+            ValueError: bad images (see `scores`), or the method produced NaN or infinity.
+        """
+        if self.refiners:
+            probabilities = self.probabilities(images)
+            mean = probabilities.mean(dim=(2, 3)) if means else None
+            return Decision(self.decide(probabilities), mean)
+        text = self._require_text()
+        _, stitched = self._stitched(images)
+        self._check_finite(stitched.grid)
+        rows = row_classes(self.method.rows, stitched.shape[1], text)
+        return decide_stitched(stitched, self.method.activation(), rows,
+                               self.config.background_threshold, self._background, means)
 
     def decide(self, probabilities: Tensor) -> Tensor:
         """Labels (B, H, W) of class probabilities (B, K, H, W): the most probable class, or the
@@ -306,12 +342,11 @@ class Segmenter:
             from zegkit.zoom import zoom_segment
 
             return zoom_segment(self, image, self.config.proposals)
-        probabilities = self.probabilities(to_tensor(load_image(image))[None])
-        labels = self.decide(probabilities)
+        decision = self.decision(to_tensor(load_image(image))[None], means=True)
         return Segmentation(
-            labels=labels[0].cpu().numpy().astype(np.int64),
+            labels=decision.labels[0].cpu().numpy().astype(np.int64),
             class_names=list(text.class_names),
-            scores=probabilities[0].mean(dim=(1, 2)).cpu().numpy(),
+            scores=decision.mean_probabilities[0].cpu().numpy(),
             settings=self.settings(),
         )
 
