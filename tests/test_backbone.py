@@ -100,6 +100,16 @@ def test_cls_injection_and_attention_maps(tiny_tokenizer):
     assert not torch.allclose(plain.intermediates[0], expected[:, 1:])
 
 
+def test_summed_attention_is_the_sum_of_the_maps(tiny_tokenizer):
+    backbone = _backbone(16, tiny_tokenizer)
+    pixels = torch.randn(2, 3, 224, 224)
+    each = backbone.forward_intermediates(pixels, indices=[], return_attention=[0, 2])
+    summed = backbone.forward_intermediates(pixels, indices=[], return_attention=[0, 2],
+                                            sum_attention=True)
+    assert summed.attention == {} and torch.equal(summed.hidden, each.hidden)
+    assert torch.equal(summed.attention_sum, each.attention[0] + each.attention[2])
+
+
 def test_bad_surgery_arguments(tiny_tokenizer):
     backbone = _backbone(16, tiny_tokenizer)
     pixels = torch.randn(1, 3, 224, 224)

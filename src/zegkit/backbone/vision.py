@@ -90,6 +90,8 @@ class Intermediates:
             or (B, C, h, w) for 'NCHW'.
         intermediate_prefix: per requested layer, its [CLS] token (B, C).
         attention: layer index -> attention weights (B, heads, T, T), for return_attention.
+        attention_sum: with sum_attention, the sum of those layers' weights (B, heads, T, T)
+            instead (a running sum: one map in memory, not one per layer).
     """
 
     hidden: Tensor
@@ -99,6 +101,7 @@ class Intermediates:
     intermediates: list[Tensor] = field(default_factory=list)
     intermediate_prefix: list[Tensor] = field(default_factory=list)
     attention: dict[int, Tensor] = field(default_factory=dict)
+    attention_sum: Tensor | None = None
 
     @property
     def prefix(self) -> Tensor:
@@ -340,6 +343,7 @@ class ClipBackbone(nn.Module):
         surgery: Mapping[int, BlockSurgery] | None = None,
         inject: TokenInjection | None = None,
         return_attention: Sequence[int] = (),
+        sum_attention: bool = False,
         position_rounding: torch.dtype | None = None,
     ) -> Intermediates:
         """Run the vision tower layer by layer, with surgery, injected tokens and taps.
@@ -357,6 +361,8 @@ class ClipBackbone(nn.Module):
             surgery: layer index -> BlockSurgery; other layers run unchanged.
             inject: tokens to replace or insert at given layers (see TokenInjection).
             return_attention: layers whose attention weights (B, heads, T, T) to return.
+            sum_attention: return the sum of those weights (`Intermediates.attention_sum`, in
+                layer order) instead of each layer's.
             position_rounding: see `embed`.
 
         Returns:
@@ -391,7 +397,10 @@ class ClipBackbone(nn.Module):
             x, weights = self.block(
                 index, x, grid, surgery.get(index), index in attention_layers, mask
             )
-            if weights is not None:
+            if weights is not None and sum_attention:
+                total = result.attention_sum
+                result.attention_sum = weights if total is None else total + weights
+            elif weights is not None:
                 result.attention[index] = weights
             if index in taps:
                 self._tap(result, x, norm, output_fmt)

@@ -51,6 +51,7 @@ score filter (`util/miou.py::cam_to_label`); zegkit's shared inference protocol 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +187,12 @@ class CLIPer(Method):
         Raises:
             ValueError: the backbone has a single layer (no early layers to fuse).
         """
+        passes = list(self._passes(backbone, pixels))
+        return torch.stack([features for features, _ in passes]), passes[-1][1]
+
+    def _passes(self, backbone: ClipBackbone, pixels: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """The N passes of the last layer one at a time, so that callers can fold them without
+        holding all N: (features (B, h*w, D) as in `fused_features`, the attention used)."""
         layers = backbone.num_layers
         if layers < 2:
             raise ValueError(
@@ -194,19 +201,13 @@ class CLIPer(Method):
         early = list(range(layers - 1))
         out = backbone.forward_intermediates(
             pixels, indices=early[:-1], stop_early=True, return_attention=early,
-            position_rounding=self._position_rounding(),
+            sum_attention=True, position_rounding=self._position_rounding(),
         )
-        mean = sum(out.attention[i] for i in early) / len(early)  # (B, heads, T, T)
-        inputs = self._early_inputs(backbone, pixels, out)  # (N, B, T, C)
-        attentions = self._pass_attentions(mean, len(inputs))
-        tokens = torch.stack(
-            [
-                backbone.attention_branch(layers - 1, x, attention)
-                for x, attention in zip(inputs, attentions, strict=True)
-            ]
-        )  # (N, B, T, C)
-        features = F.normalize(backbone.project(tokens[..., 1:, :]), dim=-1)
-        return features, attentions[-1]
+        mean = out.attention_sum / len(early)  # (B, heads, T, T)
+        inputs = self._early_inputs(backbone, pixels, out)  # N x (B, T, C)
+        for x, attention in zip(inputs, self._pass_attentions(mean, len(inputs)), strict=True):
+            tokens = backbone.attention_branch(layers - 1, x, attention)  # (B, T, C)
+            yield F.normalize(backbone.project(tokens[:, 1:, :]), dim=-1), attention
 
     def _position_rounding(self) -> torch.dtype | None:
         """float16 for the released variant (its position embeddings are half precision)."""
@@ -224,8 +225,8 @@ class CLIPer(Method):
             attentions.append(symmetric_affinity(mean))
         return attentions
 
-    def _early_inputs(self, backbone: ClipBackbone, pixels: Tensor, out) -> Tensor:
-        """The N inputs (N, B, T, C) of the last layer: F⁰..F^{N-2} ([CLS] first) — each through
+    def _early_inputs(self, backbone: ClipBackbone, pixels: Tensor, out) -> list[Tensor]:
+        """The N inputs (B, T, C) of the last layer: F⁰..F^{N-2} ([CLS] first) — each through
         its own layer's layer_norm1 in the released variant — and F^{N-1} as it is."""
         embeddings = [backbone.embed(pixels, self._position_rounding())]
         for prefix, tokens in zip(out.intermediate_prefix, out.intermediates, strict=True):
@@ -233,7 +234,7 @@ class CLIPer(Method):
         if self.config.variant == "released":
             embeddings = [backbone.layers[n].layer_norm1(x) for n, x in enumerate(embeddings)]
         embeddings.append(out.hidden)  # F^{N-1}, the last layer's normal input, in both
-        return torch.stack(embeddings)
+        return embeddings
 
     def dense_features(self, backbone: ClipBackbone, pixels: Tensor) -> Tensor:
         """Feature-space fusion (B, D, h, w): the renormalised mean of the N fused embeddings.
@@ -248,30 +249,39 @@ class CLIPer(Method):
         """CLIPer's coarse segmentation map S_c (B, Q, h, w) over the text rows (Q, D), float32.
 
         S_c = mean_n softmax(s · cos(Zⁿ, t)) + P · τ(S^{sel}), P = Ā over patches (Āᵀ in the
-        released variant); the second term only when `propagate_layer` is set.
+        released variant); the second term only when `propagate_layer` is set. The N maps are
+        summed as the passes run (one map and one pass in memory at a time).
         """
-        features, attention = self.fused_features(backbone, pixels)
-        # the maps in float32, also under autocast (bf16 would blur softmax(100 · cos))
-        with torch.autocast(features.device.type, enabled=False):
-            features, attention = features.float(), attention.float()
-            scale = self.config.logit_scale
-            maps = (scale * features @ text_rows.float().T).softmax(-1)  # (N, B, h*w, Q)
-            coarse = maps.mean(0)
-            if self.config.propagate_layer is not None:
-                coarse = coarse + self._propagated(maps, attention)
+        count = backbone.num_layers  # N, one pass per early embedding slot
+        chosen_index = None
+        if self.config.propagate_layer is not None:
+            chosen_index = self._propagate_index(count) % count
+        total = chosen = last_attention = None
+        for index, (features, attention) in enumerate(self._passes(backbone, pixels)):
+            last_attention = attention  # the released variant's shared map, as it ends
+            # the maps in float32, also under autocast (bf16 would blur softmax(100 · cos))
+            with torch.autocast(features.device.type, enabled=False):
+                scores = self.config.logit_scale * features.float() @ text_rows.float().T
+                maps = scores.softmax(-1)  # (B, h*w, Q)
+            total = maps if total is None else total + maps
+            chosen = maps if index == chosen_index else chosen
+        coarse = total / count
+        if chosen is not None:
+            with torch.autocast(coarse.device.type, enabled=False):
+                coarse = coarse + self._propagated(chosen, last_attention.float(), count)
         batch, _, rows = coarse.shape
         return coarse.transpose(1, 2).reshape(batch, rows, *backbone.grid_size(pixels))
 
-    def _propagated(self, maps: Tensor, attention: Tensor) -> Tensor:
-        """The propagation term (B, h*w, Q) of the chosen map; in the released variant it also
-        carries the correction that puts the thresholded map into the mean."""
-        chosen = maps[self._propagate_index(len(maps))]  # (B, h*w, Q)
+    def _propagated(self, chosen: Tensor, attention: Tensor, count: int) -> Tensor:
+        """The propagation term (B, h*w, Q) of the chosen map (B, h*w, Q) by the last pass's
+        attention; in the released variant it also carries the correction that puts the
+        thresholded map into the mean of the `count` maps."""
         floor = self.config.propagate_threshold * chosen.amax(dim=1, keepdim=True)
         kept = torch.where(chosen < floor, torch.zeros_like(chosen), chosen)
         patches = attention.mean(1)[:, 1:, 1:]  # (B, h*w, h*w)
         if self.config.variant == "paper":
             return patches @ kept
-        return patches.transpose(1, 2) @ kept + (kept - chosen) / len(maps)
+        return patches.transpose(1, 2) @ kept + (kept - chosen) / count
 
     def _propagate_index(self, count: int) -> int:
         index = self.config.propagate_layer
