@@ -217,6 +217,11 @@ def test_stitched_scores_equal_the_full_resolution_canvas(shape, crop, stride):
     expected = _reference_sliding(method, pixels, config)
     torch.testing.assert_close(stitched.values(), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(stitched.values(slice(1, 3)), expected[:, 1:3], atol=1e-5, rtol=0)
+    blocks = list(stitched.blocks(slice(1, 4)))
+    assert [lines.start for lines, _ in blocks[1:]] == [lines.stop for lines, _ in blocks[:-1]]
+    assert len(blocks) > 1 and blocks[-1][0].stop == shape[2]
+    by_lines = torch.cat([block for _, block in blocks], dim=1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(by_lines, expected[:, 1:4], atol=1e-5, rtol=0)
     resized = stitched.resized((shape[2] * 3 // 2, shape[3] // 2))
     torch.testing.assert_close(resized.values(), resize(expected, resized.shape[-2:]),
                                atol=1e-5, rtol=0)
@@ -236,8 +241,7 @@ def test_chunked_decision_equals_the_full_one(monkeypatch):
     monkeypatch.setattr(inference, "DECISION_CHUNK_BYTES", 1)
     starts = inference._class_starts(rows)
     assert starts == [0, 2, 3, 4]
-    assert inference._class_chunks(starts, stitched.shape) == [slice(0, 1), slice(1, 2),
-                                                                slice(2, 3)]
+    assert inference._class_chunks(starts, stitched) == [slice(0, 1), slice(1, 2), slice(2, 3)]
     chunked = decide_stitched(stitched, activation, rows, 0.5, 0, means=True)
     expected = decide_labels(probabilities, 0.5, 0)
     assert (expected == 0).any() and (expected != 0).any()  # the threshold bites somewhere

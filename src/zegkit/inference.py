@@ -9,16 +9,17 @@ background label 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zegkit.scores import Activation
+from zegkit.scores import EXP_FLOOR, Activation
 
 # mmseg's Resize(scale=(2048, S), keep_ratio=True) in the field's configs: the long side is capped.
 MAX_LONG_SIDE = 2048
@@ -28,8 +29,8 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BACKGROUND_NAME = "background"
 UINT8_MAX = 255
 
-# Bytes of full-resolution scores the class decision expands at once: some dozens of classes of
-# a 448 x 597 image, one class of a 12-MP photo (`decide_stitched`).
+# Bytes of full-resolution scores the class decision expands at once: every class of a band of
+# lines of an unresized image, one class of a 12-MP photo (`decide_stitched`).
 DECISION_CHUNK_BYTES = 64 * 2**20
 FLOAT32_BYTES = 4
 
@@ -192,6 +193,49 @@ class StitchedScores:
             stitched = self.along_y @ (self.grid[:, rows] @ self.along_x.T)
         return stitched if self.size is None else resize(stitched, self.size)
 
+    def blocks(self, rows: slice = slice(None)) -> Iterator[tuple[slice, Tensor]]:
+        """The scores of `rows` at full resolution as (lines, block) for runs of image lines
+        that cover H, each block B x n x W x r (rows last, contiguous): reductions over the
+        rows then run along memory, on a block small enough to stay in cache.
+
+        Unresized, a run of lines mixes the same few grid lines (`_bands`), so each block
+        costs a product over those alone; resized, the whole image is one block.
+        """
+        if self.size is not None:
+            yield slice(0, self.size[0]), self.values(rows).permute(0, 2, 3, 1).contiguous()
+            return
+        batch, _, lines, _ = self.grid.shape
+        width, count = self.along_x.shape[0], self.grid[:, rows].shape[1]
+        with torch.autocast(self.grid.device.type, enabled=False):
+            across = self.grid[:, rows] @ self.along_x.T  # (B, r, gh, W)
+            across = across.permute(0, 2, 3, 1).reshape(batch, lines, -1)  # (B, gh, W * r)
+        for band, cells in self._bands:
+            with torch.autocast(self.grid.device.type, enabled=False):
+                block = self.along_y[band, cells] @ across[:, cells]  # (B, n, W * r)
+            yield band, block.view(batch, -1, width, count)
+
+    @property
+    def block_lines(self) -> int:
+        """The most image lines one of `blocks`' blocks holds."""
+        if self.size is not None:
+            return self.size[0]
+        return max(band.stop - band.start for band, _ in self._bands)
+
+    @cached_property
+    def _bands(self) -> list[tuple[slice, slice]]:
+        """Runs of consecutive rows of `along_y` with the same span of non-zero columns
+        (lines, cells): a window's line mixes two of its cells, so a dense product would
+        multiply mostly zeros."""
+        nonzero = self.along_y != 0
+        first = nonzero.int().argmax(dim=1).tolist()
+        last = (nonzero.shape[1] - nonzero.flip(1).int().argmax(dim=1)).tolist()
+        bands, start = [], 0
+        for line in range(1, len(first) + 1):
+            if line == len(first) or (first[line], last[line]) != (first[start], last[start]):
+                bands.append((slice(start, line), slice(first[start], last[start])))
+                start = line
+        return bands
+
     def resized(self, size: tuple[int, int]) -> StitchedScores:
         """The same scores as `resize(self.values(), size)` gives them.
 
@@ -326,8 +370,9 @@ def decide_stitched(
 ) -> Decision:
     """`decide_labels(class_probabilities(...))` of stitched scores without holding them.
 
-    The rows are expanded to pixels a few classes at a time (DECISION_CHUNK_BYTES) and folded
-    into running (B, H, W) maps row by row: the labels are the class of each pixel's best row
+    The rows are expanded to pixels a block of lines and a run of classes at a time
+    (`StitchedScores.blocks`, DECISION_CHUNK_BYTES) and folded into running (B, H, W) maps:
+    the labels are the class of each pixel's best row
     (every activation is increasing in the score, so the best row is the most probable; ties
     go to the first row, as an argmax does). A softmax's normaliser, needed only for the
     background threshold and the means, is summed in the same pass, shifted by an upper bound
@@ -345,24 +390,23 @@ def decide_stitched(
         ValueError: a threshold without a background index.
     """
     starts = _class_starts(row_classes.cpu())
-    chunks = _class_chunks(starts, stitched.shape)
+    chunks = _class_chunks(starts, stitched)
     joint = activation.kind == "softmax" and (background_threshold is not None or means)
     shift = activation.scale * _best_score_bound(stitched) if joint else None
-    best = best_row = total = None
+    batch, _, height, width = stitched.shape
+    best = stitched.grid.new_full((batch, height, width), float("-inf"))
+    best_row = torch.zeros(best.shape, dtype=torch.long, device=best.device)
+    total = torch.zeros_like(best) if joint else None
     for classes in chunks:
         rows = slice(starts[classes.start], starts[classes.stop])
-        values = stitched.values(rows)  # (B, r, H, W)
-        for index in range(rows.start, rows.stop):
-            row = values[:, index - rows.start]  # (B, H, W)
-            if best is None:
-                best = row.clone()
-                best_row = torch.zeros(best.shape, dtype=torch.long, device=best.device)
-                total = torch.zeros_like(best) if joint else None
-            else:  # in place: at 12 MP each (B, H, W) temporary is 48-96 MB
-                best_row.masked_fill_(row > best, index)
-                torch.maximum(best, row, out=best)
+        for lines, block in stitched.blocks(rows):  # (B, n, W, r)
+            block_best, block_row = block.max(dim=-1)
+            better = block_best > best[:, lines]  # ties keep the earlier row, as argmax does
+            best_row[:, lines][better] = block_row[better] + rows.start
+            torch.maximum(best[:, lines], block_best, out=best[:, lines])
             if joint:
-                total += (activation.scale * row - shift).exp_()
+                exponents = activation.scale * block - shift[:, lines, :, None]
+                total[:, lines] += exponents.clamp_min_(EXP_FLOOR).exp_().sum(dim=-1)
     log_normalizer = shift + total.log() if joint else None
     labels = row_classes.to(best_row.device)[best_row]
     if background_threshold is not None:
@@ -370,21 +414,36 @@ def decide_stitched(
         labels = _threshold(labels, confidence, background_threshold, background)
     if not means:
         return Decision(labels)
-    return Decision(labels, _class_means(stitched, activation, starts, chunks, log_normalizer))
+    return Decision(labels, _class_means(stitched, activation, row_classes.cpu(), starts, chunks,
+                                          log_normalizer))
 
 
-def _class_means(stitched: StitchedScores, activation: Activation, starts: list[int],
-                 chunks: list[slice], log_normalizer: Tensor | None) -> Tensor:
+def _class_means(stitched: StitchedScores, activation: Activation, row_classes: Tensor,
+                 starts: list[int], chunks: list[slice], log_normalizer: Tensor | None
+                 ) -> Tensor:
     """(B, K) each class's probability averaged over the pixels: a class's probability is
     that of its best row (the activation is increasing), so one exponential per class."""
-    means = []
-    for classes in chunks:
-        first = starts[classes.start]
-        values = stitched.values(slice(first, starts[classes.stop]))  # (B, r, H, W)
-        for k in range(classes.start, classes.stop):
-            top = values[:, starts[k] - first : starts[k + 1] - first].amax(dim=1, keepdim=True)
-            means.append(activation.probabilities(top, log_normalizer)[:, 0].mean((1, 2)))
-    return torch.stack(means, dim=1)
+    batch, classes, height, width = stitched.shape[0], len(starts) - 1, *stitched.shape[2:]
+    sums = stitched.grid.new_zeros(batch, classes)
+    for chunk in chunks:
+        rows = slice(starts[chunk.start], starts[chunk.stop])
+        row_class = (row_classes[rows] - chunk.start).to(stitched.grid.device)
+        for lines, block in stitched.blocks(rows):  # (B, n, W, r)
+            top = _class_max(block, row_class, chunk.stop - chunk.start)
+            normalizer = None if log_normalizer is None else log_normalizer[:, lines]
+            probabilities = activation.probabilities(top.permute(0, 3, 1, 2), normalizer)
+            sums[:, chunk] += probabilities.sum(dim=(2, 3))
+    return sums / (height * width)
+
+
+def _class_max(block: Tensor, row_class: Tensor, classes: int) -> Tensor:
+    """(..., k): each class's max over its rows of scores (..., r) whose rows belong to the
+    classes `row_class` (r,) in 0..k-1."""
+    if block.shape[-1] == classes:
+        return block
+    out = block.new_full((*block.shape[:-1], classes), float("-inf"))
+    return out.scatter_reduce(-1, row_class.expand_as(block), block, reduce="amax",
+                              include_self=False)
 
 
 def _best_score_bound(stitched: StitchedScores) -> Tensor:
@@ -392,7 +451,8 @@ def _best_score_bound(stitched: StitchedScores) -> Tensor:
     over the grid, stitched and resized like the scores (each pixel's score is a weighted mean
     of grid cells with non-negative weights, so its max over rows is at most the same mean of
     the cells' maxima)."""
-    return replace(stitched, grid=stitched.grid.amax(dim=1, keepdim=True)).values()[:, 0]
+    bound = replace(stitched, grid=stitched.grid.amax(dim=1, keepdim=True))
+    return bound.values()[:, 0]
 
 
 def _class_starts(row_classes: Tensor) -> list[int]:
@@ -401,11 +461,12 @@ def _class_starts(row_classes: Tensor) -> list[int]:
     return torch.searchsorted(row_classes, torch.arange(classes + 1)).tolist()
 
 
-def _class_chunks(starts: list[int], shape: tuple[int, int, int, int]) -> list[slice]:
-    """Runs of whole classes (slices of class indices) whose rows at full resolution
-    (B x r x H x W float32) fit DECISION_CHUNK_BYTES; one class at least."""
-    batch, _, height, width = shape
-    budget = max(1, DECISION_CHUNK_BYTES // (batch * height * width * FLOAT32_BYTES))
+def _class_chunks(starts: list[int], stitched: StitchedScores) -> list[slice]:
+    """Runs of whole classes (slices of class indices) whose rows in one of `stitched.blocks`'
+    blocks (B x n x W x r float32) fit DECISION_CHUNK_BYTES; one class at least."""
+    batch, _, _, width = stitched.shape
+    lines = stitched.block_lines
+    budget = max(1, DECISION_CHUNK_BYTES // (batch * lines * width * FLOAT32_BYTES))
     chunks, first = [], 0
     for last in range(1, len(starts) - 1):  # does class `last` still fit the run from `first`?
         if starts[last + 1] - starts[first] > budget:
