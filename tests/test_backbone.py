@@ -197,3 +197,22 @@ def test_position_rounding_rounds_the_resized_positions_only(tiny_tokenizer):
     assert (rounded - expected).abs().max() <= TOL
     assert (rounded - backbone.embed(pixels)).abs().max() > 0
     assert torch.equal(backbone.position_embedding((3, 5)), positions)  # the table is untouched
+
+
+def test_frozen_weights_are_cast_once_with_autocasts_values(tiny_tokenizer):
+    backbone = _backbone(16, tiny_tokenizer)
+    linear = backbone.layers[0].mlp.fc1
+    x = torch.randn(2, 5, backbone.width)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode():
+            first = backbone._linear(linear, x)
+        assert torch.equal(first, linear(x)) and first.dtype == torch.bfloat16
+        cast = backbone._cast_weights(linear, torch.bfloat16)[0]
+        assert cast is backbone._cast_weights(linear, torch.bfloat16)[0]  # kept, not redone
+        tokens = torch.randn(2, 5, backbone.width, requires_grad=True)
+        backbone._linear(linear, tokens).float().sum().backward()  # cast under inference_mode
+        assert tokens.grad is not None
+        with torch.no_grad():
+            linear.weight.mul_(2)
+        assert torch.equal(backbone._linear(linear, x), linear(x))  # renewed after the change
+    assert torch.equal(backbone._linear(linear, x), linear(x))  # fp32 outside autocast
