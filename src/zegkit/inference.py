@@ -165,8 +165,8 @@ class StitchedScores:
     the windows' scores are kept side by side at their own (patch) resolution in `grid` and each
     axis's chain of those steps is one matrix. The final resize to the input image (up to
     12 MP and more) stays a `resize`, whose 2-4 taps per pixel cost less than a dense matrix.
-    `values` expands any rows to pixels; the class decision (`decide_stitched`) does it a few
-    classes at a time.
+    `values` expands any rows to pixels; `blocks` does it a band of lines at a time, which is
+    how the class decision (`decide_stitched`) reads them.
 
     Attributes:
         grid: B x R x gh x gw float32: window (i, j)'s scores (R, h, w) fill block (i, j).
