@@ -92,6 +92,17 @@ def test_zoom_matches_a_direct_computation(segmenter):
         zoom_probabilities(segmenter, images, [Proposal((0, 0, 4, 4), label=3)])
 
 
+def test_zoom_of_a_white_crop_stays_a_valid_image(tiny_tokenizer):
+    """Shrinking a 224 x 215 crop of ones to 117 x 112 rounds to 1 + 2.4e-7 (measured), which
+    the segmenter's [0, 1] check refused in the middle of an episode run."""
+    backbone = ClipBackbone(make_tiny_clip(16), tiny_tokenizer, "tiny")
+    segmenter = load_segmenter("naive", backbone=backbone, mode="whole", short_side=112)
+    segmenter.set_vocabulary(CLASSES, templates="single")
+    out = zoom_probabilities(segmenter, torch.ones(1, 3, 224, 224),
+                             [Proposal((9, 0, 224, 224), label=1)])
+    assert out.shape == (1, 3, 224, 224) and torch.isfinite(out).all()
+
+
 def test_zoom_segment_with_self_proposals_records_them(segmenter, tmp_path):
     image = (torch.rand(40, 56, 3, generator=torch.Generator().manual_seed(1)) * 255).byte()
     result = zoom_segment(segmenter, image.numpy(), "self")

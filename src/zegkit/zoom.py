@@ -204,7 +204,9 @@ def zoom_probabilities(segmenter: object, images: Tensor, proposals: str | os.Pa
                              f"0..{len(class_names) - 1}; map boxes to the vocabulary's rows.")
         x0, y0, x1, y1 = clip_box(proposal, height, width)
         crop = images[:, :, y0:y1, x0:x1]
-        zoomed = resize(crop, resized_size(y1 - y0, x1 - x0, side))
+        # antialiased shrinking rounds 1.0 up by a few ulps (a 224 x 215 crop of ones -> 117 x
+        # 112 peaks at 1 + 2.4e-7), which the segmenter's [0, 1] input check refuses
+        zoomed = resize(crop, resized_size(y1 - y0, x1 - x0, side)).clamp_(0.0, 1.0)
         region = segmenter.probabilities(zoomed)[:, proposal.label : proposal.label + 1]
         regions.append((proposal, resize(region, (y1 - y0, x1 - x0))[0, 0]))
     return merge_regions(probabilities, regions)[None]
