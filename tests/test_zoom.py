@@ -22,12 +22,16 @@ from zegkit.zoom import (
 CLASSES = ["background", "dog", "cat"]
 
 
-@pytest.fixture(scope="module")
-def segmenter(tiny_tokenizer):
-    backbone = ClipBackbone(make_tiny_clip(16), tiny_tokenizer, "tiny")
-    segmenter = load_segmenter("naive", backbone=backbone, mode="whole", short_side=64)
+def _naive_segmenter(tokenizer, short_side: int):
+    backbone = ClipBackbone(make_tiny_clip(16), tokenizer, "tiny")
+    segmenter = load_segmenter("naive", backbone=backbone, mode="whole", short_side=short_side)
     segmenter.set_vocabulary(CLASSES, templates="single")
     return segmenter
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_tokenizer):
+    return _naive_segmenter(tiny_tokenizer, 64)
 
 
 def test_merge_is_a_union_over_boxes():
@@ -95,10 +99,7 @@ def test_zoom_matches_a_direct_computation(segmenter):
 def test_zoom_of_a_white_crop_stays_a_valid_image(tiny_tokenizer):
     """Shrinking a 224 x 215 crop of ones to 117 x 112 rounds to 1 + 2.4e-7 (measured), which
     the segmenter's [0, 1] check refused in the middle of an episode run."""
-    backbone = ClipBackbone(make_tiny_clip(16), tiny_tokenizer, "tiny")
-    segmenter = load_segmenter("naive", backbone=backbone, mode="whole", short_side=112)
-    segmenter.set_vocabulary(CLASSES, templates="single")
-    out = zoom_probabilities(segmenter, torch.ones(1, 3, 224, 224),
+    out = zoom_probabilities(_naive_segmenter(tiny_tokenizer, 112), torch.ones(1, 3, 224, 224),
                              [Proposal((9, 0, 224, 224), label=1)])
     assert out.shape == (1, 3, 224, 224) and torch.isfinite(out).all()
 
