@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from zegkit.data.worker_errors import raise_caught
 from zegkit.train.captions import (
     ShardSet,
     ShardStream,
@@ -167,3 +168,25 @@ def test_loader_items_and_noun_prompts():
                               1.0) for _ in range(50)}
     named = {noun for prompt in prompts for noun in ("star", "ring", "sky") if noun in prompt}
     assert named == {"star", "ring"}  # only nouns the caption names, plural included
+
+
+def test_bad_data_in_loader_workers_comes_out_as_raised(tmp_path):
+    _write_shards(tmp_path / "shards", [2])
+    with tarfile.open(tmp_path / "shards" / "shard-001.tar", "w") as archive:
+        _add(archive, "bad.png", _png(1))
+        _add(archive, "bad.txt", b"  ")  # found only while streaming: check() opens the tar
+    shards = load_caption_set("captions", tmp_path / "shards")
+    shards.check()
+    streamed = build_caption_loader(shards, crop=16, batch_size=2, seed=0, num_steps=4,
+                                    num_workers=2)
+    _images(tmp_path / "img", ["a.png", "b.png"])
+    (tmp_path / "pairs.csv").write_text("filepath,title\nimg/a.png,a star\nimg/b.png,a ring\n")
+    listed = load_caption_set("captions", tmp_path / "pairs.csv")
+    (tmp_path / "img" / "b.png").write_bytes(b"not a png")  # damaged after the listing
+    keyed = build_caption_loader(listed, crop=16, batch_size=2, seed=0, num_steps=1,
+                                 num_workers=1)
+    for loader, fragment in ((streamed, r"bad\.txt: the caption is empty"), (keyed, r"b\.png")):
+        with pytest.raises(ValueError, match=fragment) as error:
+            for batch in loader:
+                raise_caught(batch)
+        assert "DataLoader worker" not in str(error.value)

@@ -3,6 +3,7 @@ equals one process, and runs that must not start."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,3 +178,27 @@ def test_bad_training_data_fails_before_training_naming_the_file(tiny_clip_dir, 
     with pytest.raises(ValueError, match=r"b\.png"):
         train(recipe, tmp_path / "run", data_root=voc, num_workers=0, progress=False)
     assert not (tmp_path / "run" / "state.pt").exists()
+
+
+def test_bad_data_in_a_loader_worker_is_reported_as_raised(tiny_clip_dir, tmp_path,
+                                                           monkeypatch):
+    import zegkit.train.loop as loop
+
+    voc = _voc(tmp_path, bad_mask=False)
+    (voc / "SegmentationClass").mkdir()  # a val split for the held-out evaluation
+    shutil.copy(voc / "SegmentationClassAug" / "a.png", voc / "SegmentationClass" / "a.png")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("a\n")
+    mask = voc / "SegmentationClassAug" / "b.png"
+    check = loop.check_training_set
+
+    def check_then_damage(dataset):  # damage the check cannot see (after it, or past its sample)
+        check(dataset)
+        Image.open(mask).resize((16, 16)).save(mask)
+
+    monkeypatch.setattr(loop, "check_training_set", check_then_damage)
+    recipe = with_overrides(get_recipe("zegclip-voc-15-5"),
+                            {"model": str(tiny_clip_dir), **SMALL, "crop": 32})
+    with pytest.raises(ValueError, match=r"b\.png") as error:
+        train(recipe, tmp_path / "run", data_root=voc, num_workers=1, progress=False)
+    assert "DataLoader worker" not in str(error.value)
+    assert "Traceback" not in str(error.value)

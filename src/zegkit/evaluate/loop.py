@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from zegkit.data.base import SegmentationDataset
+from zegkit.data.worker_errors import CaughtErrors, raise_caught
 from zegkit.distributed import all_reduce_sum, rank_and_world
 from zegkit.evaluate.bootstrap import ImageStats, bootstrap_intervals
 from zegkit.evaluate.checkpoint import (
@@ -33,33 +34,19 @@ from zegkit.evaluate.report import run_record
 
 
 class _Indexed(Dataset):
-    """Items of `dataset` at `indices`, each tagged with its dataset index.
-
-    A user-data error reading an item (a mask whose size differs from its image's, a corrupt
-    file) comes back as the item instead of being raised in the worker: DataLoader would re-raise
-    it as "Caught ValueError in DataLoader worker process 1. Original Traceback ...", hiding the
-    message that names the file. `_unwrap` raises it in the main process as it was.
-    """
+    """Items of `dataset` at `indices`, each tagged with its dataset index; a user-data error
+    reading an item (a mask whose size differs from its image's, a corrupt file) comes back as
+    the item (`CaughtErrors`), for `raise_caught` to raise in the main process as it was."""
 
     def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
-        self.dataset, self.indices = dataset, list(indices)
+        self.dataset, self.indices = CaughtErrors(dataset), list(indices)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int) -> tuple[int, tuple[Tensor, Tensor, str] | Exception]:
         index = self.indices[position]
-        try:
-            return index, self.dataset[index]
-        except (ValueError, OSError) as error:
-            return index, error
-
-
-def _unwrap(item: tuple[Tensor, Tensor, str] | Exception) -> tuple[Tensor, Tensor, str]:
-    """An item of `_Indexed`, or its reading error raised here, in the main process."""
-    if isinstance(item, Exception):
-        raise item
-    return item
+        return index, self.dataset[index]
 
 
 def _predict(segmenter: object, image: Tensor) -> Tensor:
@@ -147,7 +134,7 @@ def evaluate(
     start, since_save = time.perf_counter(), 0
     with torch.inference_mode(), bar:
         for index, item in loader:
-            image, mask, name = _unwrap(item)
+            image, mask, name = raise_caught(item)
             bar.set_postfix_str(name, refresh=False)
             tally.add(index, confusion_matrix(_predict(segmenter, image), mask,
                                               dataset.num_classes, dataset.ignore_index))

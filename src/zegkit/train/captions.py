@@ -54,6 +54,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from zegkit.data import synthetic
+from zegkit.data.worker_errors import CaughtErrors, CaughtStreamErrors, collate_caught
 from zegkit.io import list_images, load_image, to_tensor
 from zegkit.text import IMAGENET_TEMPLATES
 from zegkit.train.data import (
@@ -530,7 +531,8 @@ def build_caption_loader(
     (B / world_size, 3, crop, crop) in [0, 1], captions list of B / world_size str)``.
 
     Map-style sets follow `zegkit.train.data.build_train_loader`'s keys (a step's items depend
-    only on (seed, step)); shards stream (see `ShardStream`). Arguments as there.
+    only on (seed, step)); shards stream (see `ShardStream`). Arguments and bad items (a caught
+    error, for `raise_caught`) as there.
 
     Raises:
         ValueError: a global batch that does not split over the processes, too few shards.
@@ -539,15 +541,17 @@ def build_caption_loader(
         raise ValueError(f"The global batch size ({batch_size}) must be a positive multiple of "
                          f"the number of processes ({world_size}).")
     common = dict(num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-                  persistent_workers=num_workers > 0)
+                  persistent_workers=num_workers > 0, collate_fn=collate_caught)
     if isinstance(dataset, ShardSet):
         stream = ShardStream(dataset, crop, seed=seed, batch_size=batch_size // world_size,
                              start_step=start_step, rank=rank, world_size=world_size,
                              num_workers=num_workers)
-        return DataLoader(stream, batch_size=batch_size // world_size, **common)
+        return DataLoader(CaughtStreamErrors(stream), batch_size=batch_size // world_size,
+                          **common)
     sampler = StepSampler(len(dataset), batch_size, seed=seed, num_steps=num_steps,
                           start_step=start_step, rank=rank, world_size=world_size)
-    return DataLoader(CaptionItems(dataset, crop, seed), batch_sampler=sampler, **common)
+    return DataLoader(CaughtErrors(CaptionItems(dataset, crop, seed)), batch_sampler=sampler,
+                      **common)
 
 
 __all__ = [

@@ -40,6 +40,7 @@ from zegkit.data import synthetic
 from zegkit.data.base import IGNORE_INDEX, SegmentationDataset
 from zegkit.data.datasets import VOC_TRAIN_AUG, canonical_name, load_dataset
 from zegkit.data.protocols import get_protocol
+from zegkit.data.worker_errors import CaughtErrors, collate_caught
 from zegkit.train.augment import AugmentConfig, augment
 
 PathLike = str | os.PathLike
@@ -385,7 +386,9 @@ def build_train_loader(
     (B / world_size, H, W))`` with (H, W) = ``cfg.crop_size``; labels are class indices of the
     dataset's full class list, ``unseen`` pixels and padding `fill` / 255. The sequence depends
     only on (seed, step), so a run resumed at `start_step` or split over processes sees exactly
-    the items of one uninterrupted process.
+    the items of one uninterrupted process. A bad training item (a corrupt file, a mask of
+    another size) makes its step's item that error: `zegkit.data.worker_errors.raise_caught`
+    raises it as it was, without torch's "Caught ValueError in DataLoader worker" wrapper.
 
     Args:
         dataset: the training set (see `load_training_set`).
@@ -407,8 +410,9 @@ def build_train_loader(
                           start_step=start_step, rank=rank, world_size=world_size)
     items = AugmentedTrainingSet(dataset, cfg, seed=seed, unseen=unseen, fill=fill)
     return DataLoader(
-        items,
+        CaughtErrors(items),
         batch_sampler=sampler,
+        collate_fn=collate_caught,
         num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=num_workers > 0,

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from zegkit.backbone import ClipBackbone, load_clip
+from zegkit.data.worker_errors import raise_caught
 from zegkit.distributed import DistributedContext, all_reduce_sum, barrier, init_distributed
 from zegkit.hardware import autocast_dtype
 from zegkit.io import atomic_write, save_json_atomic
@@ -376,7 +377,7 @@ def _accumulated_step(wrapped: nn.Module, backbone: ClipBackbone, batches, accum
     """
     totals: dict[str, float] = {}
     for micro in range(accumulation):
-        images, targets = next(batches)
+        images, targets = raise_caught(next(batches))  # a worker's data error raised here
         images = images.to(context.device, non_blocking=True)
         parallel = isinstance(wrapped, DistributedDataParallel)
         method = (wrapped.module if parallel else wrapped).method
