@@ -112,6 +112,31 @@ def test_set_with_a_wrong_value_is_refused_before_the_model_loads(tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "setting, fragment",
+    [("seen_penalty=abc", "seen_penalty must be a number"),
+     ("self_training=3", "self_training must be True or False"),
+     ("no_such_setting=1", "has no setting(s) ['no_such_setting']")],
+)
+def test_set_with_a_checkpoint_is_checked_before_the_model_loads(tiny_clip_dir, tmp_path, capsys,
+                                                                 setting, fragment):
+    from zegkit.backbone import load_clip
+    from zegkit.methods import create_method
+    from zegkit.methods.checkpoint import save_method
+
+    backbone = load_clip(tiny_clip_dir)
+    method = create_method("zegclip", prompt_tokens=2, decoder_layers=1, decoder_heads=2)
+    method.build(backbone)
+    checkpoint = save_method(method, tmp_path / "zegclip.safetensors", backbone)
+    photo = _image(tmp_path / "p.png")
+    status = _segment(tmp_path / "no-such-model", tmp_path / "out", photo,
+                      extra=["--method", "zegclip", "--checkpoint", str(checkpoint),
+                             "--set", setting])
+    assert status == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert fragment in err and "no-such-model" not in err
+
+
 def test_too_many_classes_are_refused_before_the_model_loads(tmp_path, capsys):
     photo = _image(tmp_path / "p.png")
     classes = ",".join(f"c{i}" for i in range(65536))

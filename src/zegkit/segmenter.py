@@ -417,11 +417,18 @@ def load_segmenter(
     # Every setting is checked before the weights load (seconds to minutes for a large CLIP).
     check_setting_types(InferenceConfig, inference, "The inference")
     config = InferenceConfig(**inference)
-    built = None if checkpoint is not None else create_method(method, **method_settings)
+    if checkpoint is None:
+        built = create_method(method, **method_settings)
+    else:  # the checkpoint's header and config with the settings, before its tensors
+        from zegkit.methods.checkpoint import configure_method, load_trained
+
+        built = configure_method(checkpoint, method=method, **method_settings)
     check_device(device)
     if backbone is None:
         backbone = load_clip(model, device=device, tokenizer_source=tokenizer)
-    if built is not None:
+    if checkpoint is not None:
+        built = load_trained(built, checkpoint, backbone)
+    else:
         built.build(backbone)
         if built.trainable:
             raise ValueError(
@@ -429,10 +436,6 @@ def load_segmenter(
                 f"--checkpoint runs/<name>/last.safetensors), written by `zegkit train --recipe "
                 f"<recipe> --out runs/<name>`; {method}'s recipes: {_recipes_of(method)}."
             )
-    else:
-        from zegkit.methods.checkpoint import load_method
-
-        built = load_method(checkpoint, backbone, method=method, **method_settings)
     return Segmenter(
         backbone,
         built,

@@ -87,6 +87,56 @@ def _config_values(header: dict[str, str]) -> dict[str, object]:
     return {key: tuple(v) if isinstance(v, list) else v for key, v in config.items()}
 
 
+def configure_method(path: str | os.PathLike, *, method: str | None = None,
+                     **overrides: object) -> Method:
+    """The method saved at `path` with its saved config and `overrides`, not yet built: all of a
+    checkpoint that can be checked before a backbone loads (`load_trained` finishes it).
+
+    Args:
+        path: a file written by `save_method`.
+        method: the method name the caller expects (None: whatever the file holds).
+        **overrides: config settings that replace the saved ones (None values ignored).
+
+    Raises:
+        FileNotFoundError / RuntimeError: see `read_header`; also a file for another method.
+        ValueError: an override the method has no setting for, or of the wrong type.
+    """
+    header = read_header(path)
+    saved = header["method"]
+    if method is not None and method != saved:
+        raise RuntimeError(
+            f"{str(path)!r} is a checkpoint of method {saved!r}, not {method!r}; run it with "
+            f"--method {saved} (or pass a {method} checkpoint)."
+        )
+    return create_method(saved, **{**_config_values(header), **overrides})
+
+
+def load_trained(built: Method, path: str | os.PathLike, backbone: ClipBackbone) -> Method:
+    """Build `built` (`configure_method` of `path`) for `backbone` and load its trained tensors.
+
+    Raises:
+        FileNotFoundError / RuntimeError: see `read_header`; also a file for another backbone
+            (the message names both), or tensors that do not fit the method.
+    """
+    header = read_header(path)
+    if header["backbone_fingerprint"] != backbone.fingerprint:
+        raise RuntimeError(
+            f"{str(path)!r} was trained on backbone {header['backbone']!r}, but the loaded "
+            f"backbone is {backbone.name!r} (other weights); load the backbone it was trained on "
+            f"(--model {header['backbone']})."
+        )
+    built.build(backbone)
+    with safe_open(str(Path(path).expanduser()), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    try:
+        built.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"{str(path)!r} does not fit method {header['method']!r}: {error}"
+        ) from None
+    return built.to(backbone.device)
+
+
 def load_method(
     path: str | os.PathLike,
     backbone: ClipBackbone,
@@ -94,7 +144,8 @@ def load_method(
     method: str | None = None,
     **overrides: object,
 ) -> Method:
-    """Rebuild the method saved at `path` for `backbone` and load its trained tensors.
+    """Rebuild the method saved at `path` for `backbone` and load its trained tensors
+    (`configure_method`, then `load_trained`).
 
     Args:
         path: a file written by `save_method`.
@@ -105,29 +156,10 @@ def load_method(
     Raises:
         FileNotFoundError / RuntimeError: see `read_header`; also a file for another method or
             another backbone (the message names both), or tensors that do not fit the method.
+        ValueError: an override the method has no setting for, or of the wrong type.
     """
-    header = read_header(path)
-    saved = header["method"]
-    if method is not None and method != saved:
-        raise RuntimeError(
-            f"{str(path)!r} is a checkpoint of method {saved!r}, not {method!r}; run it with "
-            f"--method {saved} (or pass a {method} checkpoint)."
-        )
-    if header["backbone_fingerprint"] != backbone.fingerprint:
-        raise RuntimeError(
-            f"{str(path)!r} was trained on backbone {header['backbone']!r}, but the loaded "
-            f"backbone is {backbone.name!r} (other weights); load the backbone it was trained on "
-            f"(--model {header['backbone']})."
-        )
-    built = create_method(saved, **{**_config_values(header), **overrides})
-    built.build(backbone)
-    with safe_open(str(Path(path).expanduser()), framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    try:
-        built.load_state_dict(tensors, strict=True)
-    except RuntimeError as error:
-        raise RuntimeError(f"{str(path)!r} does not fit method {saved!r}: {error}") from None
-    return built.to(backbone.device)
+    return load_trained(configure_method(path, method=method, **overrides), path, backbone)
 
 
-__all__ = ["CHECKPOINT_FORMAT", "load_method", "read_header", "save_method"]
+__all__ = ["CHECKPOINT_FORMAT", "configure_method", "load_method", "load_trained", "read_header",
+           "save_method"]
