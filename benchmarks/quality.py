@@ -2,10 +2,11 @@
 
 Writes a fixed held-out set of generated scenes (a seed training never uses), measures the shipped
 tiny CLIP's zero-shot image classification, then the zero-shot segmentation of every method:
-mIoU over all classes, seen, unseen and their harmonic mean, pixel accuracy and seconds per image.
-Printed as a table and saved as JSON.
+mIoU over all classes, seen, unseen and their harmonic mean, pixel accuracy and seconds per image,
+with scene-bootstrap 95% intervals of mIoU and of each row's paired difference to naive (same
+refinement). Printed as a table and saved as JSON.
 
-    python benchmarks/quality.py [--num 100] [--json results/quality.json]
+    python benchmarks/quality.py [--num 200] [--json results/quality.json]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from helpers.tiny_sd import TINY_LAYERS, save_tiny_random_pipeline  # noqa: E402
 from zegkit.backbone import load_clip  # noqa: E402
 from zegkit.data import load_dataset  # noqa: E402
 from zegkit.data.synthetic import write_dataset  # noqa: E402
-from zegkit.evaluate import evaluate, save_results  # noqa: E402
+from zegkit.evaluate import compare_results, evaluate, save_results  # noqa: E402
 from zegkit.refine import create_refiner  # noqa: E402
 from zegkit.segmenter import load_segmenter  # noqa: E402
 from zegkit.train.pretrain_clip import evaluate as classification_quality  # noqa: E402
@@ -45,6 +46,7 @@ ROWS = [
     ("clsclip_standin (untrained, not ClsCLIP)", "clsclip_standin", {}, False),
 ]
 COLUMNS = ("mIoU", "mIoU(S)", "mIoU(U)", "hIoU", "aAcc")
+BOOTSTRAP = 1000  # scene resamples of the intervals
 
 
 def random_sd_refiner(workdir: Path, backbone) -> torch.nn.Module:
@@ -65,7 +67,8 @@ def run_row(backbone, dataset, method: str, settings: dict, refine: str, sd_refi
         segmenter.refiners.insert(0, sd_refiner)
     start = time.perf_counter()
     result = evaluate(
-        segmenter, dataset, progress=False, num_workers=0, seen=dataset.seen, unseen=dataset.unseen
+        segmenter, dataset, progress=False, num_workers=0, seen=dataset.seen,
+        unseen=dataset.unseen, bootstrap=BOOTSTRAP,
     )
     result["seconds_per_image"] = (time.perf_counter() - start) / len(dataset)
     return result
@@ -75,6 +78,10 @@ def _cell(value: float | None) -> str:
     return f"{'-':>9}" if value is None else f"{value:>9.2f}"
 
 
+def _interval(low_high: list[float]) -> str:
+    return f"[{low_high[0]:.1f}, {low_high[1]:.1f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -82,7 +89,7 @@ def main() -> None:
         default="zegkit/tiny-synthetic",
         help="CLIP weights (default: zegkit/tiny-synthetic)",
     )
-    parser.add_argument("--num", type=int, default=100, help="held-out scenes (default: 100)")
+    parser.add_argument("--num", type=int, default=200, help="held-out scenes (default: 200)")
     parser.add_argument("--size", type=int, default=224, help="scene side in pixels (default: 224)")
     parser.add_argument("--json", type=Path, default=None, help="also save the table here")
     args = parser.parse_args()
@@ -105,15 +112,20 @@ def main() -> None:
         dataset = load_dataset("synthetic", root)
         sd_refiner = random_sd_refiner(Path(workdir), backbone)
         header = f"{'method':<28}{'refine':<7}" + "".join(f"{c:>9}" for c in COLUMNS)
-        print(f"\n{header}{'s/img':>8}")
+        print(f"\n{header}{'s/img':>8}  mIoU 95%      - naive [95%]")
         for name, method, settings, use_sd in ROWS:
             for refine in ("none", "pamr"):
                 result = run_row(
                     backbone, dataset, method, settings, refine, sd_refiner if use_sd else None
                 )
+                naive = rows.get(f"naive | {refine}", result)
+                result["minus_naive"] = compare_results(result, naive, BOOTSTRAP)
                 rows[f"{name} | {refine}"] = result
                 cells = "".join(_cell(result[c]) for c in COLUMNS)
-                print(f"{name:<28}{refine:<7}{cells}{result['seconds_per_image']:>8.3f}")
+                difference = result["minus_naive"]["mIoU"]
+                print(f"{name:<28}{refine:<7}{cells}{result['seconds_per_image']:>8.3f}  "
+                      f"{_interval(result['mIoU_ci95']):<14}{difference['difference']:+.2f} "
+                      f"{_interval(difference['ci95'])}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         save_results(
@@ -124,7 +136,10 @@ def main() -> None:
                 "size": args.size,
                 "heldout_seed": HELDOUT_SEED,
                 "classification": classification,
-                "segmentation": rows,
+                "segmentation": {  # without the per-scene counts behind the intervals
+                    row: {k: v for k, v in result.items() if k != "per_image"}
+                    for row, result in rows.items()
+                },
             },
         )
         print(f"\nSaved {args.json}")

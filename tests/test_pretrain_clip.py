@@ -130,6 +130,34 @@ def test_export_checkpoint(tmp_path):
         pc.export_checkpoint(tmp_path / "export", tmp_path / "x")
 
 
+def test_patch_loss_is_clip_loss_on_the_mean_patch_token():
+    """The patch-mean loss equals CLIP's own loss recomputed with the mean projected patch
+    token as the image embedding, and --patch-loss adds it with its weight."""
+    cfg = pc.PretrainConfig(steps=2, batch_size=6, patch_loss=0.5, **TINY)
+    tokenizer = pc.build_tokenizer(cfg)
+    model = pc.build_model(cfg, len(tokenizer))
+    samples = [pc.training_sample(cfg, i, 64) for i in range(6)]
+    pixels = torch.stack([pc.scene_to_tensor(image) for image, _ in samples])
+    tokens = tokenizer([caption for _, caption in samples], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**tokens, pixel_values=pixels, return_loss=True)
+        patch_loss = pc.patch_contrastive_loss(model, out)
+        vision = model.vision_model(pixel_values=pixels)
+        patches = model.visual_projection(
+            model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:]))
+        image = torch.nn.functional.normalize(patches.mean(1), dim=-1)
+        logits = model.logit_scale.exp() * image @ out.text_embeds.T
+        targets = torch.arange(6)
+        expected = (torch.nn.functional.cross_entropy(logits, targets)
+                    + torch.nn.functional.cross_entropy(logits.T, targets)) / 2
+    assert torch.allclose(patch_loss, expected, atol=1e-6)
+    assert not torch.allclose(patch_loss, out.loss)  # a loss of its own, not the [CLS] one
+    optimizer, scheduler = pc.build_optimizer(model, cfg)
+    step_loss = pc.train_step(model, tokenizer, optimizer, scheduler, pixels,
+                              [caption for _, caption in samples], cfg)
+    assert step_loss == pytest.approx(out.loss.item() + 0.5 * patch_loss.item(), rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
@@ -138,6 +166,8 @@ def test_export_checkpoint(tmp_path):
         (dict(precision="fp16"), "precision"),
         (dict(vocab_size=300), "vocab_size must exceed"),
         (dict(colour="red"), "Unknown setting"),
+        (dict(patch_loss=-0.5), "patch_loss"),
+        (dict(patch_loss=float("nan")), "patch_loss"),
     ],
 )
 def test_bad_settings_fail_clearly(tmp_path, overrides, fragment):
