@@ -168,6 +168,24 @@ def test_overlay_without_legend_blends_in_place(scene):
     np.testing.assert_array_equal(blended[:, 70:], source[:, 70:])  # ignored pixels unchanged
 
 
+def test_overlay_of_a_large_image_makes_no_float_copy_of_it():
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (1500, 1400, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, (1500, 1400))
+    labels[::7] = IGNORE_INDEX
+    tracemalloc.start()
+    out = overlay(pixels, labels, ["a", "b", "c", "d"], alpha=0.3, legend=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 12 * labels.size  # a float64 (H, W, 3) copy alone is 24 bytes per pixel
+    labelled = labels != IGNORE_INDEX
+    expected = pixels.copy()
+    expected[labelled] = np.rint(0.7 * pixels[labelled] + 0.3 * palette(4)[labels[labelled]])
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+
 def test_overlay_alpha_extremes(scene):
     image, labels, names = scene
     unchanged = overlay(image, labels, names, alpha=0.0, legend=False)

@@ -39,6 +39,8 @@ MAX_LABEL_PNG_CLASSES = 65535
 _VOC_ROUNDS = 8
 MAX_PALETTE_SIZE = 2 ** (3 * _VOC_ROUNDS) - 1  # distinct colours (black excluded)
 IGNORE_COLOUR = (0, 0, 0)
+# Pixels an overlay blends at once: its float64 working arrays stay small (1.5 MiB each).
+BLEND_BAND_PIXELS = 2**16
 
 # Legend layout, in multiples of the font size (chosen to read like a plot legend).
 LEGEND_FONT_MIN, LEGEND_FONT_MAX = 12, 32  # pixels; grows with the image between these
@@ -254,7 +256,8 @@ def _check_names(class_names: Sequence[str]) -> list[str]:
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, ignore_index: int | None) -> np.ndarray:
-    """Return labels as an (H, W) int64 array, checking shape, dtype and value range."""
+    """Return labels as an (H, W) int64 array (`labels` itself when it is one: callers only
+    read it), checking shape, dtype and value range."""
     array = np.asarray(labels)
     if array.ndim != 2 or array.size == 0:
         raise ValueError(
@@ -265,7 +268,7 @@ def _check_labels(labels: np.ndarray, num_classes: int, ignore_index: int | None
             f"labels must hold integer class indices; got dtype {array.dtype}. For logits of "
             f"shape (K, H, W) use logits.argmax(0)."
         )
-    array = array.astype(np.int64)
+    array = array.astype(np.int64, copy=False)  # no copy of int64 labels (13000 x 13000: 1.4 GB)
     valid = (array >= 0) & (array < num_classes)
     if ignore_index is not None:
         valid |= array == ignore_index
@@ -282,9 +285,9 @@ def _check_labels(labels: np.ndarray, num_classes: int, ignore_index: int | None
 
 
 def _class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Pixel count per class; ignored pixels (values >= K) are not counted."""
-    classes = labels[labels < num_classes]
-    return np.bincount(classes, minlength=num_classes)[:num_classes]
+    """Pixel count per class of checked labels; ignored pixels (values >= K) are not counted.
+    Counting every value and dropping the bins >= K needs no masked copy of the labels."""
+    return np.bincount(labels.ravel(), minlength=num_classes)[:num_classes]
 
 
 def _legend_entries(labels: np.ndarray, names: list[str]) -> list[LegendEntry]:
@@ -300,12 +303,21 @@ def _legend_entries(labels: np.ndarray, names: list[str]) -> list[LegendEntry]:
 def _blend(
     pixels: np.ndarray, labels: np.ndarray, colours: np.ndarray, alpha: float
 ) -> Image.Image:
-    """Mix class colours into labelled pixels; ignored pixels keep the image's colour."""
-    out = pixels.astype(np.float64)  # (H, W, 3)
-    labelled = labels < len(colours)  # (H, W); ignored pixels are >= K
-    class_rgb = colours[labels[labelled]].astype(np.float64)  # (N, 3)
-    out[labelled] = (1.0 - alpha) * out[labelled] + alpha * class_rgb
-    return Image.fromarray(np.rint(out).astype(np.uint8))
+    """Mix class colours into labelled pixels; ignored pixels keep the image's colour.
+
+    The mix is computed a band of rows at a time (BLEND_BAND_PIXELS) into a uint8 copy of the
+    image, so its float working memory stays a few MiB whatever the image's size (a 13000 x
+    13000 image would need 4 GB per float64 copy).
+    """
+    out = np.array(pixels, dtype=np.uint8)  # (H, W, 3)
+    rows = max(1, BLEND_BAND_PIXELS // labels.shape[1])
+    for top in range(0, labels.shape[0], rows):
+        band, band_labels = out[top : top + rows], labels[top : top + rows]  # views
+        labelled = band_labels < len(colours)  # (n, W); ignored pixels are >= K
+        class_rgb = colours[band_labels[labelled]].astype(np.float64)  # (N, 3)
+        mixed = (1.0 - alpha) * band[labelled] + alpha * class_rgb
+        band[labelled] = np.rint(mixed).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 @functools.cache
