@@ -137,6 +137,24 @@ def test_set_with_a_checkpoint_is_checked_before_the_model_loads(tiny_clip_dir, 
     assert fragment in err and "no-such-model" not in err
 
 
+def test_an_image_too_large_for_the_memory_is_refused_before_the_model_loads(tmp_path, capsys,
+                                                                           monkeypatch):
+    from zegkit import memory
+
+    photo = _image(tmp_path / "p.png", size=(600, 800))
+    _segment(tmp_path / "no-such-model", tmp_path / "out", photo)
+    assert "no-such-model" in capsys.readouterr().err  # it fits this machine: no refusal
+    monkeypatch.setattr(memory, "available_memory", lambda: (4 * 2**20, "a test's figure"))
+    status = _segment(tmp_path / "no-such-model", tmp_path / "out", photo)
+    assert status == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "p.png" in err and "800 x 600 image" in err and "needs at least" in err
+    assert "4 MiB is available (a test's figure)" in err and "shrink the image" in err
+    assert "no-such-model" not in err and not (tmp_path / "out").exists()
+    _segment(tmp_path / "no-such-model", tmp_path / "out", photo, extra=["--refine", "pamr"])
+    assert "--refine pamr" in capsys.readouterr().err
+
+
 def test_too_many_classes_are_refused_before_the_model_loads(tmp_path, capsys):
     photo = _image(tmp_path / "p.png")
     classes = ",".join(f"c{i}" for i in range(65536))

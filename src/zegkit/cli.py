@@ -281,24 +281,23 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
 
 
 def readable_images(paths: Sequence[Path], *, skip_errors: bool = False,
-                    ) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(readable paths, [(path, why)] of the others), from each file's header.
+                    ) -> tuple[dict[Path, tuple[int, int]], list[tuple[Path, str]]]:
+    """({readable path: its (height, width)}, [(path, why)] of the others), from each file's
+    header.
 
     Raises:
         ValueError: a file that is not a readable image, unless `skip_errors`.
     """
     from zegkit.io import check_image_file
 
-    readable, skipped = [], []
+    readable, skipped = {}, []
     for path in paths:
         try:
-            check_image_file(path)
+            readable[path] = check_image_file(path)
         except (ValueError, OSError) as error:
             if not skip_errors:
                 raise
             skipped.append((path, str(error)))
-        else:
-            readable.append(path)
     return readable, skipped
 
 
@@ -310,7 +309,7 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
         ValueError: a file is not a readable image, or two inputs share a file name (their outputs
             would overwrite each other).
     """
-    return readable_images(expand_inputs(inputs))[0]
+    return list(readable_images(expand_inputs(inputs))[0])
 
 
 def check_output_folder(folder: Path, flag: str) -> None:
@@ -379,6 +378,22 @@ def has_outputs(out: Path, stem: str) -> bool:
     return all(path.is_file() for path in output_paths(out, stem).values())
 
 
+def check_memory(args: argparse.Namespace, sizes: dict[Path, tuple[int, int]],
+                 classes: Sequence[str]) -> None:
+    """Refuse, before the model loads, images whose segmentation cannot fit in the memory this
+    machine has free (`zegkit.memory`).
+
+    Raises:
+        RuntimeError: naming the image, what it needs at least, what is free, what would fit.
+        ValueError: an inference setting of the wrong type or range.
+    """
+    from zegkit.memory import available_memory, check_segment_fits
+    from zegkit.segmenter import inference_config, resolve_settings
+
+    config = inference_config(resolve_settings(args.method, None, user_settings(args))[1])
+    check_segment_fits(sizes, config, len(classes), available_memory())
+
+
 def run_segment(args: argparse.Namespace) -> int:
     """Check everything that can be checked, load the model, segment each image."""
     classes = read_classes(args)
@@ -386,13 +401,15 @@ def run_segment(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.inputs)
     check_outputs_spare_inputs(paths, args.out)
     try:
-        images, skipped = readable_images(paths, skip_errors=args.skip_errors)
+        sizes, skipped = readable_images(paths, skip_errors=args.skip_errors)
     except ValueError as error:
         raise ValueError(f"{error} (--skip-errors skips such files)") from None
+    images = list(sizes)
     if args.skip_existing:
         todo = [path for path in images if not has_outputs(args.out, path.stem)]
         print(f"Skipping {len(images) - len(todo)} image(s) whose outputs exist in {args.out}")
         images = todo
+    check_memory(args, {path: sizes[path] for path in images}, classes)
     segmenter = build_segmenter(args)
     segmenter.set_vocabulary(classes)
     failed = segment_images(segmenter, images, args.out, skip_errors=args.skip_errors)

@@ -370,6 +370,17 @@ def resolve_settings(
     return method_settings, inference
 
 
+def inference_config(values: Mapping[str, object]) -> InferenceConfig:
+    """The InferenceConfig of resolved inference settings (`resolve_settings`), their types
+    checked first (a string for crop would fail inside its range checks).
+
+    Raises:
+        ValueError: a value of the wrong type or out of range.
+    """
+    check_setting_types(InferenceConfig, values, "The inference")
+    return InferenceConfig(**values)
+
+
 def _recipes_of(method: str) -> list[str]:
     """The names of the training recipes of `method` (for the message of a missing checkpoint)."""
     from zegkit.train.recipes import RECIPES
@@ -415,8 +426,7 @@ def load_segmenter(
     chosen = get_protocol(protocol) if isinstance(protocol, str) else protocol
     method_settings, inference = resolve_settings(method, chosen, settings)
     # Every setting is checked before the weights load (seconds to minutes for a large CLIP).
-    check_setting_types(InferenceConfig, inference, "The inference")
-    config = InferenceConfig(**inference)
+    config = inference_config(inference)
     if checkpoint is None:
         built = create_method(method, **method_settings)
     else:  # the checkpoint's header and config with the settings, before its tensors
