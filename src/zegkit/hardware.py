@@ -1,12 +1,21 @@
 """What this machine computes fast: bf16 is native on recent GPUs and on CPUs with AVX-512 BF16 or
-AMX, and emulated (several times slower than fp32) on AVX2-only CPUs. Detected at run time; never
-assumed, because the machines zegkit runs on differ."""
+AMX, and emulated (several times slower than fp32) on AVX2-only CPUs. And how many cores this
+process may use (its CPU affinity and cgroup quota, which torch's default thread count ignores),
+split between the model's threads and the loader workers, since threads competing for cores
+are several times slower than fewer threads (a 224-px scene beside one busy process on 2 cores:
+1.21 s with 2 threads, 0.18 s with 1; issue 17). Detected at run time; never assumed, because
+the machines zegkit runs on differ."""
 
 from __future__ import annotations
 
+import math
+import os
 import platform
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -95,3 +104,188 @@ def _check_cuda(device: str | torch.device, index: int | None) -> None:
     if index is not None and index >= count:
         raise RuntimeError(f"Device {str(device)!r}: this machine has {count} CUDA device(s), "
                            f"cuda:0..cuda:{count - 1}.")
+
+
+# ---- cores and threads ------------------------------------------------------------------------
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT,
+                     membership: Path = CGROUP_MEMBERSHIP) -> float | None:
+    """The CPUs' worth of time a cgroup CPU quota allows this process (quota / period: 1.5 is one
+    and a half cores), the tightest of its cgroup and those above it; None without a quota.
+
+    Reads cgroup v2 (`cpu.max`) and v1 (`cpu/cpu.cfs_quota_us`), where containers (docker
+    --cpus, Kubernetes CPU limits) set them.
+
+    Args:
+        root: where the cgroup file systems are mounted.
+        membership: the process's cgroups, one "ID:CONTROLLERS:PATH" line per hierarchy.
+    """
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
+        if not controllers:  # the v2 (unified) hierarchy
+            limits += [_v2_limit(folder) for folder in _cgroup_folders(root, path)]
+        elif "cpu" in controllers.split(","):
+            limits += [_v1_limit(folder) for folder in _cgroup_folders(root / "cpu", path)]
+    return min((limit for limit in limits if limit is not None), default=None)
+
+
+def _cgroup_folders(root: Path, path: str) -> list[Path]:
+    """The folder of cgroup `path` under `root`, then those above it, up to `root` itself."""
+    relative = PurePosixPath(path.strip().lstrip("/"))
+    return [root / relative, *(root / parent for parent in relative.parents)]
+
+
+def _v2_limit(folder: Path) -> float | None:
+    """From cpu.max, "QUOTA PERIOD" in microseconds; QUOTA is "max" when unlimited."""
+    fields = (_read(folder / "cpu.max") or "").split()
+    return _quota(*fields) if len(fields) == 2 else None
+
+
+def _v1_limit(folder: Path) -> float | None:
+    """From cpu.cfs_quota_us (-1 when unlimited) and cpu.cfs_period_us."""
+    quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
+    return None if quota is None or period is None else _quota(quota, period)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _quota(quota: str, period: str) -> float | None:
+    """quota / period in CPUs; None for no quota ("max", -1) or text that is not numbers."""
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def usable_cores() -> int:
+    """The cores this process may keep busy: its CPU affinity (`os.sched_getaffinity`, where the
+    OS has it, else `os.cpu_count()`), capped by a cgroup CPU quota rounded down (threads beyond
+    the quota are throttled), at least 1. torch's default thread count ignores both."""
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, math.floor(limit))
+    return max(1, cores)
+
+
+def cores_per_process() -> int:
+    """This process's share of `usable_cores()`: the processes torchrun starts on one node
+    (LOCAL_WORLD_SIZE) share the same cores."""
+    processes = _positive_int(os.environ.get("LOCAL_WORLD_SIZE", "")) or 1
+    return max(1, usable_cores() // processes)
+
+
+THREAD_ENVIRONMENT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's default reads, in order
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """How an evaluation process splits its cores between the model and the image decoding."""
+
+    threads: int  # torch intra-op threads of the process running the model
+    num_workers: int  # DataLoader worker processes decoding ahead (torch runs each on 1 thread)
+    threads_from: str  # "threads argument", an environment variable's name, or "usable cores"
+
+
+# Workers decoding ahead of a model on a GPU (zegkit eval's default on every device until now).
+ACCELERATOR_EVAL_WORKERS = 2
+
+
+def default_eval_workers(cores: int, device: str | torch.device = "cpu") -> int:
+    """Loader workers for an evaluation whose model runs on `device`, with `cores` usable cores.
+
+    A model on the CPU gets none: a worker pays only where decoding takes more of the loop's
+    time than the worker's core takes from the model's threads (1 / cores). Decoding a
+    synthetic 224-px scene in the loop took 2-8% of it (the tiny CLIP, 1-2 threads on 2 cores),
+    far less beside a ViT-B's forward (1.7 s for a 448 x 597 image on one thread); with 2
+    workers beside 2 threads on 2 cores eval ran at 50 images/s, with none at 72 (issue 17).
+    A model on an accelerator leaves the cores to decoding: up to ACCELERATOR_EVAL_WORKERS
+    workers, one core kept for the loop.
+    """
+    if torch.device(device).type == "cpu":
+        return 0
+    return max(0, min(ACCELERATOR_EVAL_WORKERS, cores - 1))
+
+
+def eval_thread_plan(cores: int, *, num_workers: int | None = None, threads: int | None = None,
+                     device: str | torch.device = "cpu",
+                     environment: Mapping[str, str] | None = None) -> ThreadPlan:
+    """The threads and loader workers of an evaluation, where choices given win over the policy.
+
+    Policy: `default_eval_workers(cores, device)` workers, and the cores they leave to torch's
+    intra-op threads (at least 1), so the model's threads and the workers do not compete for
+    cores. Other processes' load is not looked at: beside busy processes fewer threads are
+    faster (set `threads` or OMP_NUM_THREADS).
+
+    Args:
+        cores: the cores this process may use (`cores_per_process()`).
+        num_workers: loader workers asked for (None: the policy's).
+        threads: torch threads asked for (None: the environment's, else the policy's).
+        device: where the model runs.
+        environment: where OMP_NUM_THREADS / MKL_NUM_THREADS are read (None: `os.environ`); a
+            positive count there is the user's choice (torchrun sets OMP_NUM_THREADS=1 for
+            several processes per node), which torch has already applied.
+    """
+    workers = default_eval_workers(cores, device) if num_workers is None else num_workers
+    if threads is not None:
+        return ThreadPlan(threads, workers, "threads argument")
+    environment = os.environ if environment is None else environment
+    for name in THREAD_ENVIRONMENT:
+        count = _positive_int(environment.get(name, ""))
+        if count is not None:
+            return ThreadPlan(count, workers, name)
+    return ThreadPlan(max(1, cores - workers), workers, "usable cores")
+
+
+def _positive_int(text: str) -> int | None:
+    """The thread count an OMP_NUM_THREADS-style value gives ("4", or "4,2" for nested levels:
+    the outer one); None for anything else."""
+    first = text.split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else None
+
+
+@contextmanager
+def eval_threads(num_workers: int | None = None, threads: int | None = None,
+                 device: str | torch.device = "cpu") -> Iterator[ThreadPlan]:
+    """Run inside with `eval_thread_plan`'s threads: torch.set_num_threads on entry, unless the
+    count comes from the environment (torch read it at start), and torch's count restored on
+    exit. For the caller that owns the process's threads (`zegkit eval`);
+    `zegkit.evaluate.evaluate` itself leaves them as they are.
+
+    Args:
+        num_workers, threads, device: as in `eval_thread_plan`.
+
+    Yields:
+        The plan in force.
+    """
+    plan = eval_thread_plan(cores_per_process(), num_workers=num_workers, threads=threads,
+                            device=device)
+    if plan.threads_from in THREAD_ENVIRONMENT:
+        yield plan
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(plan.threads)
+    try:
+        yield plan
+    finally:
+        torch.set_num_threads(before)
