@@ -152,6 +152,21 @@ def test_eval_one_method_writes_a_table_and_json(tiny_clip_dir, synthetic_root, 
     assert 0 <= result["mIoU"] <= 100 and result["num_images"] == 3
 
 
+def test_eval_reports_throughput_with_the_threads_given(tiny_clip_dir, synthetic_root, tmp_path,
+                                                        capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    output = tmp_path / "result.json"
+    assert _eval(tiny_clip_dir, synthetic_root, output, "naive", "--threads", "1") == 0
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and "threads from threads argument" in printed
+    assert torch.get_num_threads() == threads  # restored: main() leaves the process as it was
+    throughput = json.loads(output.read_text())["throughput"]
+    assert throughput["images"] == 3 and throughput["torch_threads"] == 1
+    assert throughput["num_workers"] == 0 and 0 <= throughput["model_fraction"] <= 1
+
+
 def test_eval_all_methods_in_one_table(tiny_clip_dir, synthetic_root, tmp_path, capsys):
     output = tmp_path / "all.json"
     assert _eval(tiny_clip_dir, synthetic_root, output, "all", "--limit", "1") == 0

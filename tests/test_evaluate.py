@@ -16,6 +16,7 @@ from zegkit.evaluate import (
     evaluate_method,
     format_comparison,
     format_table,
+    format_throughput,
     harmonic_mean,
     metrics,
     run_eval,
@@ -167,6 +168,69 @@ def test_worker_processes_give_the_same_matrix(colour_dataset):
     serial = evaluate(NearestColour(), colour_dataset, progress=False, num_workers=0)
     workers = evaluate(NearestColour(), colour_dataset, progress=False, num_workers=2)
     assert workers["confusion"] == serial["confusion"]
+
+
+class ThreadCountingDataset(torch.utils.data.Dataset):
+    """`dataset`'s items, refused (as a reading error) when decoded on more than one thread in
+    a loader worker."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getattr__(self, name):  # has_masks, class_names, ...: the wrapped dataset's
+        if name == "dataset":  # not set yet (unpickling in a spawned worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if torch.utils.data.get_worker_info() is not None and torch.get_num_threads() != 1:
+            raise ValueError(f"worker decoded on {torch.get_num_threads()} threads")
+        return self.dataset[index]
+
+
+def test_loader_workers_decode_on_one_thread(colour_dataset):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what a worker would inherit
+    try:
+        result = evaluate(NearestColour(), ThreadCountingDataset(colour_dataset), progress=False,
+                          num_workers=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["num_images"] == len(colour_dataset)
+    assert result["throughput"]["num_workers"] == 2
+
+
+def test_throughput_entry_and_threads_left_as_set(colour_dataset):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the caller's choice: evaluate does not change it
+    try:
+        throughput = evaluate(NearestColour(), colour_dataset, progress=False,
+                              num_workers=0)["throughput"]
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert throughput["images"] == len(colour_dataset) and throughput["images_per_second"] > 0
+    assert throughput["num_workers"] == 0 and throughput["torch_threads"] == 1
+    assert throughput["usable_cores"] >= 1
+    fractions = throughput["model_fraction"], throughput["data_wait_fraction"]
+    assert all(0 <= fraction <= 1 for fraction in fractions) and sum(fractions) <= 1.001
+    line = format_throughput(throughput)
+    assert "images/s" in line and "0 loader workers, 1 torch threads" in line
+
+
+def test_resume_ignores_workers_and_times_only_the_new_images(colour_dataset, tmp_path):
+    path = tmp_path / "run.pt"
+    first = evaluate(NearestColour(), colour_dataset, progress=False, num_workers=0,
+                     checkpoint=path, settings={"method": "nearest-colour"})
+    again = evaluate(NearestColour(), colour_dataset, progress=False, num_workers=1,
+                     checkpoint=path, settings={"method": "nearest-colour"})
+    assert again["confusion"] == first["confusion"]
+    assert again["resumed_images"] == len(colour_dataset)
+    assert again["throughput"]["images"] == 0 and again["throughput"]["images_per_second"] is None
+    assert "all were resumed" in format_throughput(again["throughput"])
 
 
 def test_resume_from_checkpoint_and_refuse_other_settings(colour_dataset, tmp_path):

@@ -19,8 +19,13 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from zegkit.config import check_positive_finite
+
+if TYPE_CHECKING:
+    from zegkit.distributed import DistributedContext
+    from zegkit.hardware import ThreadPlan
 
 # OSError covers unwritable and full disks, FileNotFoundError and NotADirectoryError.
 USER_ERRORS = (ValueError, OSError, RuntimeError)
@@ -499,8 +504,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="images between progress-file updates (default: 50)",
     )
     parser.add_argument(
-        "--num-workers", type=int_at_least(0), default=2,
-        help="image-decoding worker processes (default: 2)"
+        "--num-workers", type=int_at_least(0), default=None,
+        help="image-decoding worker processes, each on one thread (default: 0 for a model on "
+        "the CPU, 2 on a GPU; see zegkit.hardware.default_eval_workers)"
+    )
+    parser.add_argument(
+        "--threads", type=int_at_least(1), default=None,
+        help="torch threads running the model (default: OMP_NUM_THREADS or MKL_NUM_THREADS when "
+        "set, else the usable cores (CPU affinity, cgroup quota) minus --num-workers, at least 1)"
     )
     parser.add_argument(
         "--limit", type=int_at_least(1), default=None,
@@ -517,14 +528,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from zegkit.evaluate import (
-        format_comparison,
-        format_table,
-        init_distributed,
-        run_eval,
-        run_eval_all,
-    )
-    from zegkit.hardware import check_device
+    from zegkit.data.protocols import fold_protocols
+    from zegkit.distributed import init_distributed
+    from zegkit.hardware import check_device, eval_threads
 
     output = args.output or Path("results") / f"{args.dataset}_{args.method}.json"
     check_output_file(output, "--output")
@@ -532,6 +538,23 @@ def run_eval(args: argparse.Namespace) -> None:
         check_output_file(args.progress_file, "--progress-file")
     check_device(args.device)
     context = init_distributed(args.device)
+    episodes = args.protocol is not None and fold_protocols(args.protocol)  # no image loader
+    with eval_threads(0 if episodes else args.num_workers, args.threads,
+                      context.device) as plan:
+        _evaluate(args, output, context, plan)
+
+
+def _evaluate(args: argparse.Namespace, output: Path, context: DistributedContext,
+              plan: ThreadPlan) -> None:
+    """`zegkit eval` once its output is checked and its threads (`plan`) are set."""
+    from zegkit.evaluate import (
+        format_comparison,
+        format_table,
+        format_throughput,
+        run_eval,
+        run_eval_all,
+    )
+
     common = dict(
         model=args.model,
         device=args.device,
@@ -543,7 +566,7 @@ def run_eval(args: argparse.Namespace) -> None:
         progress_file=args.progress_file,
         progress_every=args.progress_every,
         checkpoint=args.checkpoint,
-        num_workers=args.num_workers,
+        num_workers=plan.num_workers,
         limit=args.limit,
         bootstrap=args.bootstrap,
         progress=context.is_main,
@@ -553,9 +576,15 @@ def run_eval(args: argparse.Namespace) -> None:
         results = run_eval_all(args.dataset, args.data_root, **common)
         report = format_comparison(results)
     else:
-        report = format_table(run_eval(args.dataset, args.data_root, method=args.method, **common))
+        results = {args.method: run_eval(args.dataset, args.data_root, method=args.method,
+                                         **common)}
+        report = format_table(results[args.method])
     if context.is_main:
         print(report)
+        for method, result in results.items():
+            if "throughput" in result:
+                print(f"{method}: {format_throughput(result['throughput'])}; threads from "
+                      f"{plan.threads_from}")
         print(f"Saved {output}")
 
 

@@ -18,7 +18,13 @@ from zegkit.evaluate.bootstrap import (
 from zegkit.evaluate.checkpoint import rank_checkpoint_path
 from zegkit.evaluate.loop import evaluate
 from zegkit.evaluate.metrics import confusion_matrix, harmonic_mean, metrics
-from zegkit.evaluate.report import format_comparison, format_table, run_record, save_results
+from zegkit.evaluate.report import (
+    format_comparison,
+    format_table,
+    format_throughput,
+    run_record,
+    save_results,
+)
 from zegkit.evaluate.runs import evaluate_method, method_progress_file, run_eval, run_eval_all
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "evaluate_method",
     "format_comparison",
     "format_table",
+    "format_throughput",
     "harmonic_mean",
     "init_distributed",
     "method_progress_file",

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ from zegkit.evaluate.checkpoint import (
 )
 from zegkit.evaluate.metrics import confusion_matrix, metrics
 from zegkit.evaluate.report import run_record
+from zegkit.hardware import usable_cores
 
 
 class _Indexed(Dataset):
@@ -60,6 +62,49 @@ def _predict(segmenter: object, image: Tensor) -> Tensor:
     return labels[0].cpu()
 
 
+@dataclass
+class _Clock:
+    """Where the loop's wall time goes: waiting for the next image (its decoding, when there are
+    no loader workers) and in the model (`segmenter.predict`: backbone, stitching, decision)."""
+
+    data: float = 0.0
+    model: float = 0.0
+
+    def waited(self, loader: Iterable) -> Iterator:
+        """`loader`'s items, the wait for each (the workers' start included) added to `data`."""
+        start = time.perf_counter()
+        items = iter(loader)
+        while True:
+            try:
+                item = next(items)
+            except StopIteration:
+                self.data += time.perf_counter() - start
+                return
+            self.data += time.perf_counter() - start
+            yield item
+            start = time.perf_counter()
+
+
+def _throughput(clock: _Clock, images: int, seconds: float, num_workers: int) -> dict:
+    """Images/s of this run (resumed images not counted) and the fractions of the wall time in
+    the model and waiting for data, over all ranks: seconds are summed, so images/s is that of
+    the ranks together and the fractions are of their summed time."""
+    world = rank_and_world()[1]
+    totals = torch.tensor([images, seconds, clock.model, clock.data], dtype=torch.float64)
+    images, wall, model, data = all_reduce_sum(totals).tolist()
+    timed = wall > 0 and images > 0
+    return {
+        "images": int(images),
+        "seconds": round(wall / world, 3),  # the mean rank's
+        "images_per_second": round(images * world / wall, 2) if timed else None,
+        "model_fraction": round(model / wall, 3) if timed else None,
+        "data_wait_fraction": round(data / wall, 3) if timed else None,
+        "num_workers": num_workers,
+        "torch_threads": torch.get_num_threads(),
+        "usable_cores": usable_cores(),
+    }
+
+
 def evaluate(
     segmenter: object,
     dataset: SegmentationDataset,
@@ -67,7 +112,7 @@ def evaluate(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
-    num_workers: int = 2,
+    num_workers: int = 0,
     settings: Mapping[str, object] | None = None,
     seen: Sequence[int] | None = None,
     unseen: Sequence[int] | None = None,
@@ -87,7 +132,10 @@ def evaluate(
         progress: show a progress bar with images/s (on rank 0).
         checkpoint: file to checkpoint to and resume from (one file per rank when sharded).
         checkpoint_every: images between checkpoints.
-        num_workers: DataLoader worker processes decoding images (0: decode in this process).
+        num_workers: DataLoader worker processes decoding images ahead of the model (0: decode
+            in this process, `zegkit.hardware.default_eval_workers` for a model on the CPU).
+            torch runs each worker on one thread; the model's threads are the caller's
+            (`zegkit eval` sets them with `zegkit.hardware.eval_threads`).
         settings: what produced the result (method, model, protocol, ...); recorded with it and
             part of the checkpoint fingerprint.
         seen: seen class indices (default: the dataset's).
@@ -99,8 +147,11 @@ def evaluate(
 
     Returns:
         `metrics` of the summed confusion matrix, plus "confusion" (K x K list), "num_images",
-        "resumed_images", "world_size", "seconds", "images_per_second" and "settings". With
-        `bootstrap`, also "mIoU_ci95" (and "mIoU(S)_ci95", "mIoU(U)_ci95", "hIoU_ci95" on a
+        "resumed_images", "world_size", "throughput" (of this run, resumed images not counted:
+        "images", "seconds", "images_per_second", the fractions of the wall time in
+        `segmenter.predict` ("model_fraction") and waiting for the next image
+        ("data_wait_fraction"), "num_workers", "torch_threads", "usable_cores") and "settings".
+        With `bootstrap`, also "mIoU_ci95" (and "mIoU(S)_ci95", "mIoU(U)_ci95", "hIoU_ci95" on a
         split), "bootstrap" ({"samples", "seed"}) and "per_image" (the N x K intersection and
         union counts, for `compare_results`).
 
@@ -131,13 +182,17 @@ def evaluate(
     )
     bar = tqdm(total=len(mine), initial=resumed, unit="img", desc=dataset.name,
                disable=not progress or rank != 0, dynamic_ncols=True)
+    clock = _Clock()
     start, since_save = time.perf_counter(), 0
     with torch.inference_mode(), bar:
-        for index, item in loader:
+        for index, item in clock.waited(loader):
             image, mask, name = raise_caught(item)
             bar.set_postfix_str(name, refresh=False)
-            tally.add(index, confusion_matrix(_predict(segmenter, image), mask,
-                                              dataset.num_classes, dataset.ignore_index))
+            model_start = time.perf_counter()
+            labels = _predict(segmenter, image)
+            clock.model += time.perf_counter() - model_start
+            tally.add(index, confusion_matrix(labels, mask, dataset.num_classes,
+                                              dataset.ignore_index))
             since_save += 1
             bar.update()
             if path is not None and since_save >= checkpoint_every:
@@ -148,18 +203,16 @@ def evaluate(
     seconds = time.perf_counter() - start
 
     conf = all_reduce_sum(tally.confusion)
-    counts = all_reduce_sum(torch.tensor([len(tally.done), resumed, len(todo)], dtype=torch.int64))
+    counts = all_reduce_sum(torch.tensor([len(tally.done), resumed], dtype=torch.int64))
     seen = dataset.seen if seen is None and unseen is None else seen
     unseen = dataset.unseen if unseen is None else unseen
     result = metrics(conf, dataset.class_names, seen, unseen)
-    processed = int(counts[2])
     result.update(
         confusion=conf.tolist(),
         num_images=int(counts[0]),
         resumed_images=int(counts[1]),
         world_size=world,
-        seconds=seconds,
-        images_per_second=processed / seconds if seconds > 0 and processed else None,
+        throughput=_throughput(clock, len(todo), seconds, num_workers),
         settings=run_record({**settings, "dataset": dataset.name, "data_root": str(dataset.root),
                              "split": dataset.split}),
     )

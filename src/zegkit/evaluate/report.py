@@ -71,6 +71,19 @@ def _title(result: Mapping) -> str:
     return ", ".join(bits)
 
 
+def format_throughput(throughput: Mapping) -> str:
+    """An evaluation's "throughput" entry as one line: images/s and where the time went."""
+    if throughput["images_per_second"] is None:
+        return "no images timed in this run (all were resumed from the progress file)"
+    other = max(0.0, 1 - throughput["model_fraction"] - throughput["data_wait_fraction"])
+    return (f"{throughput['images']} images in {throughput['seconds']:.1f} s, "
+            f"{throughput['images_per_second']:.1f} images/s; time in the model "
+            f"{throughput['model_fraction']:.0%}, waiting for data "
+            f"{throughput['data_wait_fraction']:.0%}, other {other:.0%} "
+            f"({throughput['num_workers']} loader workers, {throughput['torch_threads']} torch "
+            f"threads, {throughput['usable_cores']} usable cores)")
+
+
 def format_comparison(results: Mapping[str, Mapping], *, per_class: bool = True) -> str:
     """Several results (e.g. one per method) side by side: per-class IoU, then the summary.
 

@@ -11,6 +11,7 @@ from zegkit.data.base import SegmentationDataset
 from zegkit.distributed import init_distributed
 from zegkit.evaluate.loop import evaluate
 from zegkit.evaluate.report import run_record, save_results
+from zegkit.hardware import cores_per_process, default_eval_workers
 from zegkit.io import jsonable
 
 # What building a method's segmenter raises when the method cannot run here (run_eval_all).
@@ -49,7 +50,7 @@ def evaluate_method(
     device: str | None = None,
     progress_file: str | os.PathLike | None = None,
     progress_every: int = 50,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     progress: bool = True,
     limit: int | None = None,
     bootstrap: int = 0,
@@ -71,7 +72,9 @@ def evaluate_method(
         device: where to run (default: the distributed context's device, else CPU/CUDA).
         progress_file, progress_every: `evaluate`'s checkpoint and checkpoint_every (a resumable
             record of the images done so far).
-        num_workers, progress, limit, bootstrap, bootstrap_seed: as in `evaluate`.
+        num_workers: as in `evaluate`; None: `zegkit.hardware.default_eval_workers` for this
+            process's cores and the device.
+        progress, limit, bootstrap, bootstrap_seed: as in `evaluate`.
         **overrides: e.g. logit_scale=50, refine="pamr", precision="bf16", templates="single",
             checkpoint="runs/zc/last.safetensors" (a trained method's weights).
 
@@ -122,10 +125,12 @@ def _prepare(
 
 def _evaluate_prepared(prepared: _Prepared, dataset: SegmentationDataset, *,
                        progress_file: str | os.PathLike | None = None, progress_every: int = 50,
-                       **kwargs) -> dict:
+                       num_workers: int | None = None, **kwargs) -> dict:
+    if num_workers is None:
+        num_workers = default_eval_workers(cores_per_process(), prepared.settings["device"])
     return evaluate(prepared.segmenter, dataset, settings=prepared.settings,
                     seen=prepared.seen, unseen=prepared.unseen, checkpoint=progress_file,
-                    checkpoint_every=progress_every, **kwargs)
+                    checkpoint_every=progress_every, num_workers=num_workers, **kwargs)
 
 
 def run_eval(
