@@ -216,3 +216,15 @@ def test_frozen_weights_are_cast_once_with_autocasts_values(tiny_tokenizer):
             linear.weight.mul_(2)
         assert torch.equal(backbone._linear(linear, x), linear(x))  # renewed after the change
     assert torch.equal(backbone._linear(linear, x), linear(x))  # fp32 outside autocast
+
+
+def test_bf16_embeds_a_one_patch_wide_grid_as_fp32_does(tiny_tokenizer):
+    """oneDNN's AMX bf16 convolution got grids one patch wide and >= 5 tall wrong (by the
+    patches' own size; found as NaN scores in whole-image mode): they embed in float32."""
+    backbone = _backbone(16, tiny_tokenizer)
+    pixels = torch.randn(2, 3, 160, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp32 = backbone.embed(pixels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = backbone.embed(pixels)
+    torch.testing.assert_close(bf16.float(), fp32, atol=0.05, rtol=0)

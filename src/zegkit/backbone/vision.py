@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -255,7 +256,12 @@ class ClipBackbone(nn.Module):
         as code that keeps them in float16 does (CLIPer's released `upsample_pos_emb`).
         """
         embeddings = self.vision.embeddings
-        patches = embeddings.patch_embedding(pixels.to(embeddings.patch_embedding.weight.dtype))
+        # oneDNN's AMX bf16 convolution (brg_conv_fwd in torch 2.13) returns wrong patches, off
+        # by as much as their own size, for a grid one patch wide and 5 or more tall (whole
+        # images 16-31 px wide): such a grid is embedded in float32 on a CPU
+        one_column = pixels.device.type == "cpu" and self.grid_size(pixels)[1] == 1
+        with torch.autocast("cpu", enabled=False) if one_column else nullcontext():
+            patches = embeddings.patch_embedding(pixels.to(embeddings.patch_embedding.weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)  # (B, h*w, C)
         cls = embeddings.class_embedding.expand(pixels.shape[0], 1, -1)
         tokens = torch.cat([cls.to(patches.dtype), patches], dim=1)
