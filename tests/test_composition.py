@@ -26,7 +26,7 @@ def test_pamr_follows_any_method(backbone, name):
     """Segmenter(refine="pamr") equals PAMR applied by hand to the method's stitched scores."""
     method = create_method(name, compensation=False) if name == "cliper" else create_method(name)
     method.build(backbone)  # trained methods: random init
-    config = InferenceConfig(short_side=None, mode="whole", refine="pamr")
+    config = InferenceConfig(short_side=None, mode="whole", refine="pamr", precision="fp32")
     segmenter = Segmenter(backbone, method, config, templates="single")
     text = segmenter.set_vocabulary(CLASSES)
     images = torch.rand(1, 3, 64, 80)

@@ -272,7 +272,7 @@ def test_segmenter_labels_equal_the_full_resolution_protocol(tiny_backbone, meth
     """Labels as the protocol computed them before issue 17 (every class at every pixel, one
     softmax), probabilities within 1e-5, on random images of a few sizes."""
     extra = {"compensation": False} if method == "cliper" else {}
-    config = InferenceConfig(**settings)
+    config = InferenceConfig(**settings, precision="fp32")  # as the oracle runs the method
     segmenter = Segmenter(tiny_backbone, create_method(method, **extra), config,
                           templates="single")
     text = segmenter.set_vocabulary(CLASSES)

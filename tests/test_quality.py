@@ -36,7 +36,8 @@ def results(heldout):
     backbone = load_clip("zegkit/tiny-synthetic")
     return {
         method: evaluate(
-            load_segmenter(method, backbone=backbone, protocol="zegkit-synthetic"),
+            load_segmenter(method, backbone=backbone, protocol="zegkit-synthetic",
+                           precision="fp32"),  # as measured ("auto" is bf16 on some machines)
             heldout,
             progress=False,
             num_workers=0,

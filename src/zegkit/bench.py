@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from zegkit.backbone import ClipBackbone, load_clip
-from zegkit.hardware import autocast_dtype, cpu_bf16_flags, cpu_model, native_bf16
+from zegkit.hardware import PRECISIONS, cpu_bf16_flags, cpu_model, native_bf16, resolve_precision
 from zegkit.inference import (
     InferenceConfig,
     pad_to,
@@ -60,7 +60,6 @@ TINY = "zegkit/tiny-synthetic"
 MODELS = (RANDOM_B16, TINY)
 IMAGE_SIZE = (448, 597)  # a 4:3 photo resized to the default short side 448
 CLASS_COUNTS = (10, 150)
-PRECISIONS = ("fp32", "bf16", "auto")
 REPEATS = 5
 # CLIPer is timed fusion-only: its compensation needs Stable Diffusion weights.
 METHOD_SETTINGS: dict[str, dict[str, object]] = {"cliper": {"compensation": False}}
@@ -200,10 +199,7 @@ def resolve_precisions(names: Sequence[str]) -> list[str]:
     """
     resolved = []
     for name in names:
-        if name not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}.")
-        dtype = autocast_dtype(name, "cpu")
-        chosen = "bf16" if dtype == torch.bfloat16 else "fp32"
+        chosen = resolve_precision(name, "cpu")
         if chosen not in resolved:
             resolved.append(chosen)
     return resolved

@@ -76,11 +76,14 @@ def _default(config: type, name: str) -> object:
 def _setting_flags() -> list[tuple[str, type, tuple | None, str, type | None]]:
     """Flags that set a library setting: (flag, type, choices, help, the dataclass holding the
     default, or None when the help says where the default comes from)."""
-    from zegkit.inference import PRECISIONS, InferenceConfig
+    from zegkit.hardware import PRECISIONS
+    from zegkit.inference import InferenceConfig
 
     return [
-        ("--precision", str, tuple(PRECISIONS), "compute precision; bf16 autocast pays off on GPUs "
-         "and CPUs with native bf16 (AVX-512 BF16, AMX), not on AVX2-only CPUs", InferenceConfig),
+        ("--precision", str, PRECISIONS, "compute precision; auto is bf16 autocast where the "
+         "hardware runs it natively (GPUs with bf16, CPUs with AVX-512 BF16 or AMX), fp32 "
+         "elsewhere (bf16 is emulated and several times slower on AVX2-only CPUs)",
+         InferenceConfig),
         ("--mode", str, ("slide", "whole"), "sliding window or one whole-image pass",
          InferenceConfig),
         ("--short-side", int, None, "resize so the short side has this many pixels",

@@ -20,6 +20,9 @@ from pathlib import Path, PurePosixPath
 import torch
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # oneDNN runs bf16 matmuls natively with either
+# The precision settings: a compute dtype by name, and "auto" (bf16 where native, else fp32).
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = ("auto", *PRECISION_DTYPES)
 
 
 @cache
@@ -57,17 +60,27 @@ def native_bf16(device: str | torch.device) -> bool:
     return False
 
 
-def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype:
-    """The compute dtype of a precision setting: "fp32", "bf16", or "auto" (bf16 where native).
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """The PRECISION_DTYPES name a precision setting (a PRECISIONS name) computes in on `device`:
+    "auto" is "bf16" where bf16 is native there (`native_bf16`), else "fp32".
 
     Raises:
-        ValueError: another precision.
+        ValueError: a name not in PRECISIONS.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if precision == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    if precision in ("fp32", "bf16"):
-        return torch.float32 if precision == "fp32" else torch.bfloat16
-    raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}.")
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype:
+    """The compute dtype of a precision setting on `device` (see `resolve_precision`).
+
+    Raises:
+        ValueError: a name not in PRECISIONS.
+    """
+    return PRECISION_DTYPES[resolve_precision(precision, device)]
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zegkit.hardware import PRECISIONS, autocast_dtype
 from zegkit.scores import EXP_FLOOR, Activation
 
 # mmseg's Resize(scale=(2048, S), keep_ratio=True) in the field's configs: the long side is capped.
 MAX_LONG_SIDE = 2048
 MODES = ("slide", "whole")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Below-threshold pixels go to the class with this display name (the datasets' class 0).
 BACKGROUND_NAME = "background"
 UINT8_MAX = 255
@@ -54,8 +54,10 @@ class InferenceConfig:
             the background class (None: off). For datasets whose class 0 is background.
         refine: refiners applied to the stitched scores at input resolution, after the method's
             own ("none", "pamr", "diffusion", or names joined by "+"; see zegkit.refine).
-        precision: "fp32" or "bf16" autocast: faster on GPUs and on CPUs with native bf16
-            (AVX-512 BF16, AMX); on AVX2-only CPUs it is emulated and several times slower.
+        precision: "auto" (bf16 where the device runs it natively: GPUs with bf16, CPUs with
+            AVX-512 BF16 or AMX; fp32 elsewhere, e.g. AVX2-only CPUs, where bf16 is emulated
+            and several times slower), "fp32", or "bf16" (autocast). `Segmenter.settings`
+            records what "auto" resolved to.
         proposals: ClsCLIP+'s local zoom-in (`zegkit.zoom`): "self" (boxes around the
             components of the method's own mask) or a COCO-style boxes JSON file; applied by
             `Segmenter.segment` and the episode protocols. None: off.
@@ -68,7 +70,7 @@ class InferenceConfig:
     crop_batch: int = 32
     background_threshold: float | None = None
     refine: str = "none"
-    precision: str = "fp32"
+    precision: str = "auto"
     proposals: str | None = None
 
     def __post_init__(self) -> None:
@@ -81,7 +83,7 @@ class InferenceConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
         if self.precision not in PRECISIONS:
             raise ValueError(
-                f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}."
+                f"precision must be one of {PRECISIONS}, got {self.precision!r}."
             )
         for name in ("crop", "stride", "crop_batch"):
             if getattr(self, name) < 1:
@@ -98,8 +100,9 @@ class InferenceConfig:
 
 
 def precision_context(precision: str, device: str | torch.device) -> AbstractContextManager:
-    """Autocast to `precision`'s dtype (a PRECISIONS key) on `device`; fp32 disables it."""
-    dtype = PRECISIONS[precision]
+    """Autocast to the dtype of `precision` (a PRECISIONS name, "auto" resolved for `device`)
+    on `device`; fp32 disables it."""
+    dtype = autocast_dtype(precision, device)
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
 
 

@@ -22,9 +22,8 @@ from torch import Tensor, nn
 from zegkit.backbone import DEFAULT_MODEL, ClipBackbone, load_clip
 from zegkit.config import check_setting_types
 from zegkit.data.protocols import Protocol, get_protocol
-from zegkit.hardware import check_device
+from zegkit.hardware import autocast_dtype, check_device, resolve_precision
 from zegkit.inference import (
-    PRECISIONS,
     Decision,
     InferenceConfig,
     StitchedScores,
@@ -192,14 +191,15 @@ class Segmenter:
 
         user_chain = [(name, {}) for name in parse_refine_chain(self.config.refine)]
         chain = [*self.method.refiners(), *user_chain]
-        dtype = PRECISIONS[self.config.precision]
+        dtype = autocast_dtype(self.config.precision, self.backbone.device)
         return [
             create_refiner(name, device=self.backbone.device, dtype=dtype, **options)
             for name, options in chain
         ]
 
     def settings(self) -> dict[str, object]:
-        """The effective settings, JSON-ready: enough to reproduce a result."""
+        """The effective settings, JSON-ready: enough to reproduce a result. "resolved_precision"
+        is what the precision setting computes in here ("auto" resolved: fp32 or bf16)."""
         from zegkit import __version__
 
         templates = self.templates
@@ -207,6 +207,7 @@ class Segmenter:
             "method": method_name(self.method),
             "method_config": jsonable(asdict(self.method.config)),
             "inference": asdict(self.config),
+            "resolved_precision": resolve_precision(self.config.precision, self.backbone.device),
             "model": self.backbone.name,
             "templates": templates if isinstance(templates, str) else list(templates),
             "protocol": self.protocol,

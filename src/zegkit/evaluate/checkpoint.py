@@ -67,7 +67,9 @@ def rank_checkpoint_path(path: str | os.PathLike, rank: int, world_size: int) ->
 
 
 def fingerprint_of(dataset: SegmentationDataset, settings: Mapping, rank: int, world: int) -> dict:
-    stable = {k: v for k, v in settings.items() if k not in VOLATILE_SETTINGS}
+    """What a checkpoint must have been written for to be resumed: the dataset, the sharding and
+    the settings, VOLATILE_SETTINGS left out (see `_computed_settings` for the inference)."""
+    stable = _computed_settings({k: v for k, v in settings.items() if k not in VOLATILE_SETTINGS})
     return {
         "format": CHECKPOINT_FORMAT,
         "dataset": dataset.name,
@@ -79,6 +81,18 @@ def fingerprint_of(dataset: SegmentationDataset, settings: Mapping, rank: int, w
         "world_size": world,
         "settings": jsonable(stable),
     }
+
+
+def _computed_settings(settings: dict) -> dict:
+    """`settings` as what they compute: the inference precision as it resolved here (their
+    "resolved_precision", `Segmenter.settings`: "auto" is bf16 or fp32 by the hardware), the
+    way checkpoints written before "auto" recorded it, so a run resumes a checkpoint of the same
+    dtype whichever name chose it."""
+    inference = settings.get("inference")
+    if not isinstance(inference, Mapping) or "resolved_precision" not in settings:
+        return settings
+    inference = {**inference, "precision": settings.pop("resolved_precision")}
+    return {**settings, "inference": inference}
 
 
 def load_checkpoint(path: Path, fingerprint: dict, num_images: int, num_classes: int) -> Tally:

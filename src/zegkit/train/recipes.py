@@ -41,6 +41,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from zegkit.hardware import PRECISIONS
 from zegkit.train.augment import AugmentConfig
 
 
@@ -120,9 +121,8 @@ class Recipe:
         if self.batch_size % self.accumulation:
             raise ValueError(f"Recipe {self.name}: batch_size {self.batch_size} is not divisible "
                              f"by accumulation {self.accumulation}.")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got "
-                             f"{self.precision!r}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
         if not 0 <= self.warmup_iterations <= self.iterations:
             raise ValueError(f"Recipe {self.name}: warmup_iterations ({self.warmup_iterations}) "
                              f"must be in [0, iterations ({self.iterations})]; set both "
