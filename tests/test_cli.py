@@ -56,6 +56,22 @@ def test_segment_writes_three_outputs(tiny_clip_dir, photo, tmp_path):
     ]  # no temp files left
 
 
+def test_compile_flag_reaches_the_segmenter_and_the_record(tiny_clip_dir, photo, tmp_path,
+                                                          monkeypatch):
+    import zegkit.segmenter
+
+    compiled = []
+    monkeypatch.setattr(zegkit.segmenter, "compiled",
+                        lambda method: compiled.append(method) or method)  # no real compile
+    out = tmp_path / "out"
+    assert _segment(tiny_clip_dir, out, photo, extra=["--compile"]) == 0
+    assert len(compiled) == 1
+    settings = json.loads((out / "photo.json").read_text())["settings"]
+    assert settings["inference"]["compile"] is True
+    assert settings["inference"]["precision"] == "auto"  # the default, and what it resolved to:
+    assert settings["resolved_precision"] in ("fp32", "bf16")
+
+
 def test_segment_a_folder_with_every_image_kind(tiny_clip_dir, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

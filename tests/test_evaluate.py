@@ -250,7 +250,7 @@ def test_resume_from_checkpoint_and_refuse_other_settings(colour_dataset, tmp_pa
 
 def test_resume_compares_the_precision_computed_not_its_name(colour_dataset, tmp_path):
     """"auto" resumes a checkpoint of the dtype it resolves to, also one written before "auto"
-    existed (records keep both the setting and the dtype)."""
+    and `compile` existed; `compile` may change between the runs (records keep both)."""
     path = tmp_path / "run.pt"
 
     def run(inference, resolved=None):
@@ -259,13 +259,13 @@ def test_resume_compares_the_precision_computed_not_its_name(colour_dataset, tmp
         return evaluate(NearestColour(), colour_dataset, progress=False, num_workers=0,
                         checkpoint=path, settings=settings)
 
-    run({"precision": "fp32"})  # settings as recorded before "auto"
-    again = run({"precision": "auto"}, resolved="fp32")
+    run({"precision": "fp32"})  # settings as recorded before "auto" and compile
+    again = run({"precision": "auto", "compile": True}, resolved="fp32")
     assert again["resumed_images"] == len(colour_dataset)
-    assert again["settings"]["inference"] == {"precision": "auto"}
+    assert again["settings"]["inference"] == {"precision": "auto", "compile": True}
     assert again["settings"]["resolved_precision"] == "fp32"
     with pytest.raises(RuntimeError, match="different settings") as error:
-        run({"precision": "auto"}, resolved="bf16")
+        run({"precision": "auto", "compile": False}, resolved="bf16")
     assert "inference.precision: fp32 -> bf16" in str(error.value)
 
 

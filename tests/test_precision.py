@@ -1,9 +1,10 @@
-"""Precision "auto" (bf16 where the hardware runs it natively), and bf16 against fp32 on the
-shipped model."""
+"""Precision "auto" (bf16 where the hardware runs it natively), bf16 against fp32 on the shipped
+model, and `compile` (torch.compile of the method's forward) against eager."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 import zegkit
 import zegkit.hardware
@@ -63,4 +64,43 @@ def test_bf16_labels_agree_with_fp32_on_the_shipped_model(shipped, method):
     for fp32, bf16 in zip(labels["fp32"], labels["bf16"], strict=True):
         agreement = (fp32 == bf16).double().mean().item()
         assert agreement >= AGREEMENT_FLOOR, f"{method}: {agreement:.2%} of pixels agree"
+
+
+def test_compiled_labels_equal_eager_labels(shipped):
+    backbone, images, classes = shipped
+    image = images[0][..., :224, :256]  # 2 crops at short side 224: one small graph
+    labels = {}
+    for compile in (False, True):
+        segmenter = load_segmenter("sclip", backbone=backbone, precision="fp32", compile=compile,
+                                   short_side=224)
+        segmenter.set_vocabulary(classes)
+        labels[compile] = segmenter.predict(image)
+    assert torch.equal(labels[True], labels[False])
+    assert segmenter.settings()["inference"]["compile"] is True
+
+
+def test_compile_failures_say_how_to_run_without_it(shipped, monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    backbone, images, classes = shipped
+
+    def unsupported(model):
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", unsupported)
+    with pytest.raises(RuntimeError, match="not available") as error:
+        load_segmenter("naive", backbone=backbone, compile=True)
+    assert "drop --compile" in str(error.value)
+
+    def no_compiler(model):
+        def forward(*args):
+            raise BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler found"), None)
+        return forward
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    segmenter = load_segmenter("naive", backbone=backbone, compile=True)
+    segmenter.set_vocabulary(classes)
+    with pytest.raises(RuntimeError, match="could not compile 'naive'") as error:
+        segmenter.predict(images[0])
+    assert "C++ compiler" in str(error.value) and "drop --compile" in str(error.value)
 

@@ -10,7 +10,7 @@ method's default, and `Segmenter.settings()` records the effective ones with eve
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -171,6 +171,7 @@ class Segmenter:
         self.protocol = protocol
         self._check_crop()
         self.refiners = self._build_refiners()
+        self._forward = compiled(self.method) if self.config.compile else self.method
         self.text: TextEmbeddings | None = None
         self._background: int | None = None  # class index below-threshold pixels get
         self._vocabularies: dict[tuple, tuple[TextEmbeddings, int | None]] = {}
@@ -292,7 +293,7 @@ class Segmenter:
         """The method's scores over the resized image, by the configured mode."""
 
         def crop_scores(crops: Tensor) -> Tensor:
-            return self.method(self.backbone, crops, text)
+            return self._forward(self.backbone, crops, text)
 
         with precision_context(self.config.precision, pixels.device):
             if self.config.mode == "whole":
@@ -352,6 +353,43 @@ class Segmenter:
         )
 
     __call__ = segment
+
+
+CropForward = Callable[[ClipBackbone, Tensor, TextEmbeddings], Tensor]
+
+
+def compiled(method: Method) -> CropForward:
+    """`method`'s forward through torch.compile, compiled at its first call and reused after;
+    the crop batch size is dynamic, so a full batch and the remainder share one graph.
+
+    Raises:
+        RuntimeError: torch.compile is not available here (e.g. a Python newer than the
+            installed torch supports), or, at the first call, it cannot compile (on a CPU
+            it needs a C++ compiler).
+    """
+    try:
+        forward = torch.compile(method)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"torch.compile is not available with torch {torch.__version__} here ({error}); "
+            "run without compile (drop --compile, compile=False)."
+        ) from error
+    from torch._dynamo import maybe_mark_dynamic
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def run(backbone: ClipBackbone, crops: Tensor, text: TextEmbeddings) -> Tensor:
+        maybe_mark_dynamic(crops, 0)
+        try:
+            return forward(backbone, crops, text)
+        except BackendCompilerFailed as error:
+            reason = str(error).strip().splitlines()[0][:200]
+            raise RuntimeError(
+                f"torch.compile could not compile {method_name(method)!r} ({reason}). On a "
+                "CPU it needs a C++ compiler (g++ or clang++ on the PATH); or run without "
+                "compile (drop --compile, compile=False)."
+            ) from error
+
+    return run
 
 
 def resolve_settings(

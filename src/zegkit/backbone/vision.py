@@ -235,19 +235,26 @@ class ClipBackbone(nn.Module):
     def position_embedding(self, grid: Grid) -> Tensor:
         """Position embeddings (1, 1 + h*w, C) for a patch grid, bicubically resized as
         `transformers`' interpolate_pos_encoding does, and cached per grid; the cache key holds
-        the table's storage and version, so loading other weights never reuses a stale entry."""
+        the table's storage and version, so loading other weights never reuses a stale entry.
+        Under torch.compile they are computed in the graph (storage addresses do not trace)."""
         table = self.vision.embeddings.position_embedding.weight
+        if torch.compiler.is_compiling():
+            return self._resized_positions(table, grid)
         key = (grid, table.device, table.dtype, table.data_ptr(), table._version)
         if key not in self._position_cache:
             self._position_cache.clear()
-            native = self.image_size // self.patch_size
-            prefix, patches = table[:1], table[1:]
-            if grid != (native, native):
-                patches = patches.reshape(1, native, native, -1).permute(0, 3, 1, 2)
-                patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
-                patches = patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
-            self._position_cache[key] = torch.cat([prefix, patches])[None]
+            self._position_cache[key] = self._resized_positions(table, grid)
         return self._position_cache[key]
+
+    def _resized_positions(self, table: Tensor, grid: Grid) -> Tensor:
+        """The position table (1 + n*n, C) bicubically resized to `grid`, (1, 1 + h*w, C)."""
+        native = self.image_size // self.patch_size
+        prefix, patches = table[:1], table[1:]
+        if grid != (native, native):
+            patches = patches.reshape(1, native, native, -1).permute(0, 3, 1, 2)
+            patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+            patches = patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
+        return torch.cat([prefix, patches])[None]
 
     def embed(self, pixels: Tensor, position_rounding: torch.dtype | None = None) -> Tensor:
         """Input tokens (B, 1 + h*w, C): patch embedding, [CLS], positions, pre-layernorm.
@@ -352,10 +359,11 @@ class ClipBackbone(nn.Module):
         casts only of weights that require grad; the backbone's are frozen): a bf16 ViT-B/16
         forward spent about 13% of its time in those copies. The casts are kept per layer and
         dtype (2 bytes a weight for bf16) and renewed when the weights change; they are the
-        values autocast would use, so results are the same.
+        values autocast would use, so results are the same. Under torch.compile the graph casts
+        them (storage addresses do not trace).
         """
         device = x.device.type
-        if not torch.is_autocast_enabled(device):
+        if not torch.is_autocast_enabled(device) or torch.compiler.is_compiling():
             return linear(x)
         dtype = torch.get_autocast_dtype(device)
         if dtype == linear.weight.dtype:

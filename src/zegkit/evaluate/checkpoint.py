@@ -25,6 +25,9 @@ from zegkit.io import atomic_write, jsonable
 CHECKPOINT_FORMAT = 2  # bump when the checkpoint contents change meaning
 # Settings that may differ between a run and its resumption (not part of the fingerprint).
 VOLATILE_SETTINGS = ("timestamp", "zegkit_version", "checkpoint", "num_workers", "progress")
+# Inference settings that change how the model runs, not what it computes (compile: the same
+# operations, fused and rounded differently).
+VOLATILE_INFERENCE = ("compile",)
 
 
 @dataclass
@@ -87,11 +90,13 @@ def _computed_settings(settings: dict) -> dict:
     """`settings` as what they compute: the inference precision as it resolved here (their
     "resolved_precision", `Segmenter.settings`: "auto" is bf16 or fp32 by the hardware), the
     way checkpoints written before "auto" recorded it, so a run resumes a checkpoint of the same
-    dtype whichever name chose it."""
+    dtype whichever name chose it; VOLATILE_INFERENCE left out."""
     inference = settings.get("inference")
-    if not isinstance(inference, Mapping) or "resolved_precision" not in settings:
+    if not isinstance(inference, Mapping):
         return settings
-    inference = {**inference, "precision": settings.pop("resolved_precision")}
+    inference = {k: v for k, v in inference.items() if k not in VOLATILE_INFERENCE}
+    if "resolved_precision" in settings:
+        inference["precision"] = settings.pop("resolved_precision")
     return {**settings, "inference": inference}
 
 
