@@ -9,9 +9,11 @@ is `generate_scene(np.random.default_rng([TRAIN_STREAM, seed, i]))`, so the stre
 to resume. Most steps run at a lower resolution (position embeddings interpolated) because a step
 there is about 4x cheaper; the last ones run at the native 224.
 
-    OMP_WAIT_POLICY=PASSIVE python -m zegkit.train.pretrain_clip --out runs/tiny-synthetic
+    OMP_WAIT_POLICY=PASSIVE python -m zegkit.train.pretrain_clip --out runs/tiny --precision bf16
 
-(the defaults are the recipe of the shipped zegkit/tiny-synthetic, ~20 min on 2 CPU cores.)
+(the defaults with `--precision bf16` are the recipe of the shipped zegkit/tiny-synthetic: 85 min
+on a 2-core AMX Xeon shared with other jobs; on CPUs without native bf16 leave it at fp32, which
+takes several times longer there and gives other weights.)
 
 (OMP_WAIT_POLICY=PASSIVE stops OpenMP threads from spinning: on a CPU shared with other jobs,
 spinning made each step several times slower.)
@@ -60,7 +62,7 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its learned temperature at 100
 class PretrainConfig:
     """Everything that determines the trained model (saved in the checkpoint and model card)."""
 
-    steps: int = 600
+    steps: int = 2000
     batch_size: int = 96
     seed: int = 0
     lr: float = 1e-3
@@ -96,7 +98,7 @@ class PretrainConfig:
     # joint space as training went on (generator v2, 1500 steps: naive dense mIoU 8.0, where v1's
     # 600 steps gave 15.7). Mean-pooled image towers are a CLIP variant of their own (OpenCLIP's
     # average pooling); the model stays a transformers CLIPModel pooled by [CLS].
-    patch_loss: float = 0.0
+    patch_loss: float = 0.5
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
@@ -633,7 +635,7 @@ def curve_point(model: CLIPModel, tokenizer, scenes: Sequence[synthetic.Scene], 
             **{key: round(quality[key], 4) for key in keys}}
 
 
-def pretrain_clip(out_dir: str | os.PathLike, *, steps: int = 600, batch_size: int = 96,
+def pretrain_clip(out_dir: str | os.PathLike, *, steps: int = 2000, batch_size: int = 96,
                   seed: int = 0, num_workers: int = 1, checkpoint_every: int = 25,
                   log_every: int = 10, eval_scenes: int = 200, keep_checkpoint: bool = False,
                   command: str | None = None, stop_after: int | None = None,
