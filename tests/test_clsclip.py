@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_clip
 
-from zegkit.backbone import ClipBackbone
+from zegkit.backbone import BlockSurgery, ClipBackbone, TokenInjection
 from zegkit.methods import create_method
 from zegkit.methods.base import Batch
 from zegkit.methods.checkpoint import save_method
@@ -66,6 +66,76 @@ def _halves_batch(backbone, method):
     labels[:, :, 32:] = 2
     return Batch(method.normalize(backbone, images), labels,
                  torch.tensor([True, True, True, False]))
+
+
+def _per_pair_reference(backbone, pixels, text, layers, token, readout, surgery, extra=None):
+    """Scores (B, K, h, w) the straightforward way: every (image, class) pair runs the whole
+    encoder from its pixels, shallow layers included, with its tokens in the [CLS] slot."""
+    blocks = {} if surgery == "vanilla" else {-1: BlockSurgery(surgery)}
+    maps = []
+    for b in range(pixels.shape[0]):
+        for k in range(text.num_classes):
+            cls = {layer: token(slot, b, k) for slot, layer in enumerate(layers)}
+            cls.update({layer: tokens[b : b + 1] for layer, tokens in (extra or {}).items()})
+            out = backbone.forward_intermediates(pixels[b : b + 1], indices=[], surgery=blocks,
+                                                 inject=TokenInjection(cls=cls))
+            maps.append(readout(out.hidden, out.grid, k)[0])
+    return torch.stack(maps).reshape(pixels.shape[0], text.num_classes, *maps[0].shape)
+
+
+def _rows_per_layer(backbone, monkeypatch):
+    """Counts the token sequences each encoder layer runs on (a spy on ClipBackbone.block)."""
+    rows = [0] * backbone.num_layers
+    block = backbone.block
+
+    def counted(index, x, *args, **kwargs):
+        rows[index] += x.shape[0]
+        return block(index, x, *args, **kwargs)
+
+    monkeypatch.setattr(backbone, "block", counted)
+    return rows
+
+
+@pytest.mark.parametrize(("layers", "surgery", "cls_after"), [
+    ((1, 2), "vanilla", "continue"), ((0, 2), "qq+kk", "continue"), ((2,), "vanilla", "restore"),
+    ((0, 1), "qq+kk", "restore"),
+])
+def test_shared_shallow_layers_match_a_full_pass_per_class(backbone, monkeypatch, layers,
+                                                           surgery, cls_after):
+    """The layers before the first replaced one run once per crop, then per class: the scores
+    equal one full encoder pass per (image, class) pair, for ClsCLIP and its stand-in."""
+    pixels = torch.randn(2, 3, 224, 256, generator=torch.Generator().manual_seed(3))
+    text = _text(3)
+    trained = _clsclip(backbone, layers=layers, last_block_attention=surgery, cls_after=cls_after,
+                       pair_batch=4).eval()
+    standin = ClsCLIPStandin(ClsCLIPStandinConfig(layers=layers, last_block_attention=surgery,
+                                                  pair_batch=4))
+    vision = backbone.model.vision_model
+    with torch.no_grad():
+        rows = _rows_per_layer(backbone, monkeypatch)
+        got_trained = trained(backbone, pixels, text)
+        assert rows[: layers[0]] == [2] * layers[0]  # once per crop, not per pair
+        assert rows[-1] == 2 * 3
+        got_standin = standin(backbone, pixels, text)
+        monkeypatch.undo()
+
+        states = vision(pixel_values=pixels, interpolate_pos_encoding=True,
+                        output_hidden_states=True).hidden_states  # states[i] enters layer i
+        after = layers[-1] + 1
+        extra = {after: states[after][:, 0]} if cls_after == "restore" else {}
+        classes = text.embeddings
+        expected_trained = _per_pair_reference(
+            backbone, pixels, text, layers,
+            lambda slot, b, k: trained.head.token(slot, classes[k : k + 1]),
+            lambda hidden, grid, k: trained.head.decoder(hidden, grid), surgery, extra)
+        directions = lift_to_width(backbone, classes)
+        expected_standin = _per_pair_reference(
+            backbone, pixels, text, layers,
+            lambda slot, b, k: directions[k : k + 1] * states[layers[slot]][b, 0].norm(),
+            lambda hidden, grid, k: (F.normalize(backbone.project(hidden[:, 1:]), dim=-1)
+                                     @ classes[k]).reshape(1, *grid), surgery)
+    torch.testing.assert_close(got_trained, expected_trained, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_standin, expected_standin, atol=1e-5, rtol=0)
 
 
 # ---- the untrained stand-in ----------------------------------------------------------------------

@@ -3,9 +3,13 @@
 ClsCLIP (arXiv 2304.06212) answers one (image, class) pair per pass of the vision tower: the
 class's token replaces the visual [CLS] at the input of a few shallow layers. This module holds
 the mechanics both `methods/clsclip.py` and `methods/clsclip_standin.py` use: which layers are
-replaced (`replaced_layers`), the pair-batched injected passes (`injected_passes`), and which
-vocabulary rows are scored by a pass at all (`scored_rows`: a class named "background" is not a
-class the text [CLS] can describe, so it never gets a pass).
+replaced (`replaced_layers`), the unmodified image tokens entering given layers (`layer_inputs`),
+the pair-batched injected passes (`injected_passes`), and which vocabulary rows are scored by
+a pass at all (`scored_rows`: a class named "background" is not a class the text [CLS] can
+describe, so it never gets a pass).
+
+The layers before the first replaced one do not depend on the class: they run once per crop
+(`layer_inputs`), and only the rest of the encoder runs once per (crop, class) pair.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from zegkit.backbone import BlockSurgery, ClipBackbone, TokenInjection
+from zegkit.backbone import BlockSurgery, ClipBackbone
 from zegkit.inference import BACKGROUND_NAME
 from zegkit.text import TextEmbeddings
 
@@ -67,9 +71,32 @@ def image_major_pairs(num_images: int, rows: Sequence[int], device: torch.device
     return image, rows_t.repeat(num_images)
 
 
+def layer_inputs(backbone: ClipBackbone, pixels: Tensor, layers: Sequence[int]
+                 ) -> dict[int, Tensor]:
+    """The unmodified image tokens (B, T, C) entering each of `layers`, from one partial pass.
+
+    Args:
+        backbone: the frozen CLIP.
+        pixels: (B, 3, H, W) normalised crops.
+        layers: 0-based layer indices (0: the embeddings after pre_layrnorm).
+
+    Returns:
+        layer -> its input tokens, [CLS] first.
+    """
+    inputs = {0: backbone.embed(pixels)} if 0 in layers else {}
+    earlier = sorted({layer - 1 for layer in layers if layer > 0})
+    if earlier:
+        out = backbone.forward_intermediates(pixels, indices=earlier, stop_early=True)
+        for layer, prefix, tokens in zip(earlier, out.intermediate_prefix, out.intermediates,
+                                         strict=True):
+            inputs[layer + 1] = torch.cat([prefix[:, None], tokens], dim=1)  # (B, 1 + h*w, C)
+    return inputs
+
+
 def injected_passes(
     backbone: ClipBackbone,
-    pixels: Tensor,
+    start: Tensor,
+    grid: tuple[int, int],
     image: Tensor,
     row: Tensor,
     layers: Sequence[int],
@@ -80,13 +107,16 @@ def injected_passes(
     surgery: str = "vanilla",
     extra_cls: dict[int, Tensor] | None = None,
 ) -> Tensor:
-    """One vision pass per (image, class) pair with the class token in the replaced layers.
+    """One pass per (image, class) pair from the first replaced layer on, the class token in the
+    replaced layers.
 
     Args:
         backbone: the frozen CLIP.
-        pixels: (B, 3, H, W) normalised crops.
+        start: (B, T, C) the image tokens entering `layers[0]` (`layer_inputs`), shared by all
+            pairs of an image: the layers before it do not depend on the class.
+        grid: the patch grid (h, w).
         image, row: (n,) the pairs' image and class indices.
-        layers: the replaced layers, in the order of `tokens`' slots.
+        layers: the replaced layers, ascending, in the order of `tokens`' slots.
         tokens: the class token of each pair for each replaced layer.
         readout: last-layer tokens -> one score map per pair.
         pair_batch: pairs per backbone call (bounds memory).
@@ -97,15 +127,19 @@ def injected_passes(
     Returns:
         (n, h, w) scores.
     """
-    blocks = None if surgery == "vanilla" else {-1: BlockSurgery(surgery)}
+    last = backbone.num_layers - 1
+    blocks = {} if surgery == "vanilla" else {last: BlockSurgery(surgery)}
     maps = []
-    for start in range(0, image.numel(), pair_batch):
-        images, rows = image[start : start + pair_batch], row[start : start + pair_batch]
-        override = {layer: tokens(slot, images, rows) for slot, layer in enumerate(layers)}
-        for layer, cls in (extra_cls or {}).items():
-            override[layer] = cls[images]
-        out = backbone.forward_intermediates(
-            pixels[images], indices=[], surgery=blocks, inject=TokenInjection(cls=override)
-        )
-        maps.append(readout(out.hidden, out.grid, images, rows))
+    for first in range(0, image.numel(), pair_batch):
+        images, rows = image[first : first + pair_batch], row[first : first + pair_batch]
+        cls = {layer: tokens(slot, images, rows) for slot, layer in enumerate(layers)}
+        for layer, token in (extra_cls or {}).items():
+            cls[layer] = token[images]
+        x = start[images]  # (n, T, C): each pair's copy of its image's shared shallow tokens
+        # block by block: forward_intermediates starts from pixels, these layers from `start`
+        for index in range(layers[0], last + 1):
+            if index in cls:
+                x = torch.cat([cls[index][:, None].to(x.dtype), x[:, 1:]], dim=1)
+            x, _ = backbone.block(index, x, grid, blocks.get(index))
+        maps.append(readout(x, grid, images, rows))
     return torch.cat(maps)

@@ -54,6 +54,7 @@ from zegkit.methods.base import Batch, Method
 from zegkit.methods.cls_injection import (
     image_major_pairs,
     injected_passes,
+    layer_inputs,
     replaced_layers,
     scored_rows,
 )
@@ -268,7 +269,10 @@ class ClsCLIP(Method):
         layers = replaced_layers(self.config.layers, backbone.num_layers)
         dtype = self.head.token_proj[0].weight.dtype
         classes = classes.to(device=pixels.device, dtype=dtype)
-        extra = self._restored_cls(backbone, pixels, layers)
+        after = layers[-1] + 1  # "restore": the image [CLS] entering this layer goes back in
+        restore = self.config.cls_after == "restore" and after < backbone.num_layers
+        inputs = layer_inputs(backbone, pixels, [layers[0], after] if restore else layers[:1])
+        extra = {after: inputs[after][:, 0]} if restore else {}
 
         def tokens(slot: int, images: Tensor, rows: Tensor) -> Tensor:
             return self.head.token(slot, classes[rows])
@@ -276,19 +280,9 @@ class ClsCLIP(Method):
         def readout(hidden: Tensor, grid: tuple[int, int], images: Tensor, rows: Tensor) -> Tensor:
             return self.head.decoder(hidden, grid)
 
-        return injected_passes(backbone, pixels, image, row, layers, tokens, readout,
-                               pair_batch=self.config.pair_batch,
+        return injected_passes(backbone, inputs[layers[0]], backbone.grid_size(pixels), image,
+                               row, layers, tokens, readout, pair_batch=self.config.pair_batch,
                                surgery=self.config.last_block_attention, extra_cls=extra)
-
-    def _restored_cls(self, backbone: ClipBackbone, pixels: Tensor,
-                      layers: list[int]) -> dict[int, Tensor]:
-        """For cls_after="restore": the unmodified image [CLS] (B, C) at the input of the layer
-        after the last replaced one (none when that is the end of the encoder)."""
-        after = layers[-1] + 1
-        if self.config.cls_after == "continue" or after >= backbone.num_layers:
-            return {}
-        out = backbone.forward_intermediates(pixels, indices=[layers[-1]], stop_early=True)
-        return {after: out.intermediate_prefix[0]}
 
     def forward(self, backbone: ClipBackbone, pixels: Tensor, text: TextEmbeddings) -> Tensor:
         """Foreground logits (B, K, h, w) of crops (B, 3, H, W) for each class row of `text`;

@@ -18,7 +18,6 @@ Every vocabulary row (a "background" row too) gets its own injected pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,12 @@ from torch import Tensor
 from zegkit.backbone import ClipBackbone
 from zegkit.backbone.attention import check_attention
 from zegkit.methods.base import Method, MethodConfig
-from zegkit.methods.cls_injection import image_major_pairs, injected_passes, replaced_layers
+from zegkit.methods.cls_injection import (
+    image_major_pairs,
+    injected_passes,
+    layer_inputs,
+    replaced_layers,
+)
 from zegkit.text import TextEmbeddings
 
 
@@ -64,19 +68,6 @@ def lift_to_width(backbone: ClipBackbone, text: Tensor) -> Tensor:
     return F.normalize(target @ torch.linalg.pinv(system).T, dim=-1)  # (K, C)
 
 
-def cls_norms(backbone: ClipBackbone, pixels: Tensor, layers: Sequence[int]) -> Tensor:
-    """Norms (L, B) of the unmodified [CLS] token at the input of each of `layers`."""
-    norms: dict[int, Tensor] = {}
-    if 0 in layers:
-        norms[0] = backbone.embed(pixels)[:, 0].float().norm(dim=-1)
-    earlier = sorted(layer - 1 for layer in layers if layer > 0)
-    if earlier:
-        out = backbone.forward_intermediates(pixels, indices=earlier, stop_early=True)
-        for layer, prefix in zip(earlier, out.intermediate_prefix, strict=True):
-            norms[layer + 1] = prefix.float().norm(dim=-1)
-    return torch.stack([norms[layer] for layer in layers])
-
-
 class ClsCLIPStandin(Method):
     """Untrained ClsCLIP-style injection: lifted text token in, cosine readout out."""
 
@@ -97,17 +88,18 @@ class ClsCLIPStandin(Method):
         if classes.shape[0] == 0:
             raise ValueError("The ClsCLIP stand-in needs at least one class in the vocabulary.")
         directions = lift_to_width(backbone, classes)  # (K, C)
-        norms = cls_norms(backbone, pixels, layers)  # (L, B)
+        inputs = layer_inputs(backbone, pixels, layers)  # layer -> (B, T, C)
+        norms = torch.stack([inputs[layer][:, 0].float().norm(dim=-1) for layer in layers])
 
         def tokens(slot: int, image: Tensor, row: Tensor) -> Tensor:
-            return directions[row] * norms[slot, image, None]
+            return directions[row] * norms[slot, image, None]  # norms: (L, B)
 
         def readout(hidden: Tensor, grid: tuple[int, int], image: Tensor, row: Tensor) -> Tensor:
             features = F.normalize(backbone.project(hidden[:, 1:]).float(), dim=-1)  # (n, hw, D)
             return (features @ classes[row][:, :, None]).reshape(-1, *grid)
 
         image, row = image_major_pairs(pixels.shape[0], range(classes.shape[0]), pixels.device)
-        scores = injected_passes(backbone, pixels, image, row, layers, tokens, readout,
-                                 pair_batch=self.config.pair_batch,
+        scores = injected_passes(backbone, inputs[layers[0]], backbone.grid_size(pixels), image,
+                                 row, layers, tokens, readout, pair_batch=self.config.pair_batch,
                                  surgery=self.config.last_block_attention)
         return scores.reshape(pixels.shape[0], classes.shape[0], *scores.shape[-2:])
