@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
+from zegkit.backbone import load_clip
 from zegkit.bench import class_names, peak_memory, resolve_precisions
 from zegkit.cli import main
 from zegkit.hardware import native_bf16
+from zegkit.methods.cls_injection import replaced_layers
 
 
 def test_bench_writes_rows_and_machine(tmp_path, capsys):
@@ -27,6 +29,21 @@ def test_bench_writes_rows_and_machine(tmp_path, capsys):
         assert row["peak_gib"] > 0
     table = capsys.readouterr().out
     assert "x plain" in table and "torch_threads=" in table and "sclip" in table
+
+
+def test_clsclip_rows_carry_their_own_floor(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    status = main(["bench", "--models", "zegkit/tiny-synthetic", "--methods", "clsclip_standin",
+                   "naive", "--classes", "2", "--precisions", "fp32", "--repeats", "1",
+                   "--json", str(out)])
+    assert status == 0
+    standin, naive = json.loads(out.read_text())["rows"]
+    depth = load_clip("zegkit/tiny-synthetic").num_layers
+    first = replaced_layers(None, depth)[0]
+    assert standin["floor"] == pytest.approx((first + (depth - first) * 2) / depth)
+    assert standin["floor_ratio"] == pytest.approx(standin["ratio"] / standin["floor"])
+    assert naive["floor"] is None and naive["floor_ratio"] is None
+    assert "x floor" in capsys.readouterr().out
 
 
 def test_auto_precision_is_resolved_and_deduplicated():

@@ -15,7 +15,7 @@ from zegkit.backbone import BlockSurgery, ClipBackbone, TokenInjection
 from zegkit.methods import create_method
 from zegkit.methods.base import Batch
 from zegkit.methods.checkpoint import save_method
-from zegkit.methods.cls_injection import replaced_layers
+from zegkit.methods.cls_injection import encoder_floor, replaced_layers
 from zegkit.methods.clsclip import binary_mask_loss, training_pairs
 from zegkit.methods.clsclip_standin import ClsCLIPStandin, ClsCLIPStandinConfig, lift_to_width
 from zegkit.segmenter import load_segmenter
@@ -375,6 +375,11 @@ def test_clsclip_refuses_to_run_untrained(backbone):
     with pytest.raises(RuntimeError, match="zegkit train --recipe clsclip"):
         create_method("clsclip")(backbone, torch.randn(1, 3, 224, 224), _text(1))
     assert "UNTRAINED" in create_method("clsclip_standin").description
+
+
+def test_floor_counts_the_shared_shallow_layers_once():
+    assert encoder_floor([2, 3, 4], 12, 150) == (2 + 10 * 150) / 12  # issue 17's ViT-B/16 floor
+    assert encoder_floor([0], 12, 7) == 7 and encoder_floor([11], 12, 1) == 1
 
 
 def test_layer_defaults_and_validation(backbone):

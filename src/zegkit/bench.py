@@ -18,6 +18,10 @@ before one extra labelling call via /proc/self/clear_refs after returning freed 
 malloc_trim), so it includes the loaded model; elsewhere the process's lifetime peak
 (`resource.ru_maxrss`) is reported and marked so. The CPU model, its bf16 flags and torch's thread
 count are part of the output.
+
+A method that states its own floor (`forward_floor`: the plain forwards per crop its design needs
+at least, e.g. ClsCLIP's encoder pass per class after shared shallow layers) also gets its ratio
+to that floor, "x floor"; other rows show "-" there.
 """
 
 from __future__ import annotations
@@ -189,6 +193,12 @@ class BenchRow:
     ratio: float
     peak_gib: float
     crops: int
+    floor: float | None = None  # the method's own floor in plain forwards (None: not stated)
+
+    @property
+    def floor_ratio(self) -> float | None:
+        """Seconds against `floor` plain forwards (ratio / floor), None without a floor."""
+        return None if self.floor is None else self.ratio / self.floor
 
 
 def resolve_precisions(names: Sequence[str]) -> list[str]:
@@ -227,8 +237,11 @@ def bench_model(backbone: ClipBackbone, model: str, methods: Sequence[str],
                 label = partial(segmenter.predict, image)
                 seconds, plain_seconds, ratio = paired_seconds(label, plain, repeats)
                 peak, measure = peak_memory(label)
+                method = segmenter.method
+                floor = (method.forward_floor(backbone, segmenter.text)
+                         if hasattr(method, "forward_floor") else None)
                 row = BenchRow(model, name, count, precision, seconds, plain_seconds, ratio,
-                               peak / GIB, crops)
+                               peak / GIB, crops, floor)
                 report(row)
                 rows.append(row)
     return rows, measure
@@ -248,13 +261,15 @@ def machine() -> dict[str, object]:
 
 
 HEADER = (f"{'model':<22}{'method':<16}{'K':>5}{'prec':>6}{'s/image':>10}{'plain s':>9}"
-          f"{'x plain':>9}{'peak GB':>9}")
+          f"{'x plain':>9}{'x floor':>9}{'peak GB':>9}")
 
 
 def format_row(row: BenchRow) -> str:
     """One table line (HEADER's columns); GB = GiB."""
+    floor = "-" if row.floor_ratio is None else f"{row.floor_ratio:.2f}"
     return (f"{row.model:<22}{row.method:<16}{row.classes:>5}{row.precision:>6}"
-            f"{row.seconds:>10.3f}{row.plain_seconds:>9.3f}{row.ratio:>9.2f}{row.peak_gib:>9.2f}")
+            f"{row.seconds:>10.3f}{row.plain_seconds:>9.3f}{row.ratio:>9.2f}{floor:>9}"
+            f"{row.peak_gib:>9.2f}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -299,5 +314,6 @@ def run(args: argparse.Namespace) -> None:
     print(f"peak GB: {measure}")
     if args.json is not None:
         record = {"machine": info, "image": list(IMAGE_SIZE), "repeats": args.repeats,
-                  "memory": measure, "rows": [asdict(row) for row in rows]}
+                  "memory": measure,
+                  "rows": [{**asdict(row), "floor_ratio": row.floor_ratio} for row in rows]}
         save_json_atomic(record, args.json)

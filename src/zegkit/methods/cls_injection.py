@@ -4,9 +4,9 @@ ClsCLIP (arXiv 2304.06212) answers one (image, class) pair per pass of the visio
 class's token replaces the visual [CLS] at the input of a few shallow layers. This module holds
 the mechanics both `methods/clsclip.py` and `methods/clsclip_standin.py` use: which layers are
 replaced (`replaced_layers`), the unmodified image tokens entering given layers (`layer_inputs`),
-the pair-batched injected passes (`injected_passes`), and which vocabulary rows are scored by
-a pass at all (`scored_rows`: a class named "background" is not a class the text [CLS] can
-describe, so it never gets a pass).
+the pair-batched injected passes (`injected_passes`), their cost floor (`encoder_floor`), and
+which vocabulary rows are scored by a pass at all (`scored_rows`: a class named "background" is
+not a class the text [CLS] can describe, so it never gets a pass).
 
 The layers before the first replaced one do not depend on the class: they run once per crop
 (`layer_inputs`), and only the rest of the encoder runs once per (crop, class) pair.
@@ -91,6 +91,13 @@ def layer_inputs(backbone: ClipBackbone, pixels: Tensor, layers: Sequence[int]
                                          strict=True):
             inputs[layer + 1] = torch.cat([prefix[:, None], tokens], dim=1)  # (B, 1 + h*w, C)
     return inputs
+
+
+def encoder_floor(layers: Sequence[int], depth: int, passes: int) -> float:
+    """The least `passes` injected passes per crop can cost, in plain forwards of a `depth`-layer
+    encoder: the layers before the first replaced one once, the others once per pass
+    ((2 + 10 K) / 12 for ViT-B/16's layers 2, 3, 4 and K classes; embeddings not counted)."""
+    return (layers[0] + (depth - layers[0]) * passes) / depth
 
 
 def injected_passes(

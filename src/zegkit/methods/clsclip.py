@@ -52,6 +52,7 @@ from zegkit.data.base import IGNORE_INDEX
 from zegkit.distributed import all_reduce_sum, rank_and_world
 from zegkit.methods.base import Batch, Method
 from zegkit.methods.cls_injection import (
+    encoder_floor,
     image_major_pairs,
     injected_passes,
     layer_inputs,
@@ -283,6 +284,11 @@ class ClsCLIP(Method):
         return injected_passes(backbone, inputs[layers[0]], backbone.grid_size(pixels), image,
                                row, layers, tokens, readout, pair_batch=self.config.pair_batch,
                                surgery=self.config.last_block_attention, extra_cls=extra)
+
+    def forward_floor(self, backbone: ClipBackbone, text: TextEmbeddings) -> float:
+        """Plain encoder forwards per crop that `forward` needs at least (`encoder_floor`)."""
+        layers = replaced_layers(self.config.layers, backbone.num_layers)
+        return encoder_floor(layers, backbone.num_layers, len(scored_rows(text)))
 
     def forward(self, backbone: ClipBackbone, pixels: Tensor, text: TextEmbeddings) -> Tensor:
         """Foreground logits (B, K, h, w) of crops (B, 3, H, W) for each class row of `text`;

@@ -28,6 +28,7 @@ from zegkit.backbone import ClipBackbone
 from zegkit.backbone.attention import check_attention
 from zegkit.methods.base import Method, MethodConfig
 from zegkit.methods.cls_injection import (
+    encoder_floor,
     image_major_pairs,
     injected_passes,
     layer_inputs,
@@ -80,6 +81,11 @@ class ClsCLIPStandin(Method):
         check_attention(config.last_block_attention)
         if config.pair_batch < 1:
             raise ValueError(f"pair_batch must be a positive integer, got {config.pair_batch}.")
+
+    def forward_floor(self, backbone: ClipBackbone, text: TextEmbeddings) -> float:
+        """Plain encoder forwards per crop that `forward` needs at least (`encoder_floor`)."""
+        layers = replaced_layers(self.config.layers, backbone.num_layers)
+        return encoder_floor(layers, backbone.num_layers, text.num_classes)
 
     def forward(self, backbone: ClipBackbone, pixels: Tensor, text: TextEmbeddings) -> Tensor:
         """Cosine scores (B, K, h, w) of crops (B, 3, H, W), one injected pass per class row."""
