@@ -30,7 +30,6 @@ import argparse
 import ctypes
 import ctypes.util
 import gc
-import os
 import resource
 import statistics
 import sys
@@ -43,7 +42,14 @@ from pathlib import Path
 import torch
 
 from zegkit.backbone import ClipBackbone, load_clip
-from zegkit.hardware import PRECISIONS, cpu_bf16_flags, cpu_model, native_bf16, resolve_precision
+from zegkit.hardware import (
+    PRECISIONS,
+    cpu_bf16_flags,
+    cpu_model,
+    native_bf16,
+    resolve_precision,
+    usable_cores,
+)
 from zegkit.inference import (
     InferenceConfig,
     pad_to,
@@ -249,13 +255,12 @@ def bench_model(backbone: ClipBackbone, model: str, methods: Sequence[str],
 
 def machine() -> dict[str, object]:
     """What the numbers depend on: CPU, its bf16 flags, torch's threads, the usable cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu_model(),
         "cpu_bf16_flags": cpu_bf16_flags(),
         "native_bf16": native_bf16("cpu"),
         "torch_threads": torch.get_num_threads(),
-        "usable_cores": cores,
+        "usable_cores": usable_cores(),
         "torch": torch.__version__,
     }
 

@@ -48,6 +48,7 @@ from zegkit.backbone.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from zegkit.data import synthetic
 from zegkit.evaluate import confusion_matrix
 from zegkit.evaluate import metrics as segmentation_metrics
+from zegkit.hardware import PRECISION_DTYPES
 from zegkit.io import atomic_write
 from zegkit.text import IMAGENET_TEMPLATES, ensemble_templates
 
@@ -116,7 +117,7 @@ class PretrainConfig:
                 f"vocab_size must exceed {MIN_VOCAB} (BOS, EOS and the 512 byte symbols with and "
                 f"without </w>) to leave room for merges, got {self.vocab_size}."
             )
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in PRECISION_DTYPES:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}.")
         if self.generator_version not in synthetic.VERSIONS:
             raise ValueError(
@@ -254,10 +255,6 @@ class SceneBatches(IterableDataset):
                        for i in range(self.cfg.batch_size)]
             pixels = torch.stack([scene_to_tensor(image) for image, _ in samples])
             yield pixels, [caption for _, caption in samples]
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
 
 
 # --- optimisation -------------------------------------------------------------------------------
@@ -574,7 +571,6 @@ def supervised_probe(out_dir: str | os.PathLike | None = None, *, steps: int = 1
     optimizer, scheduler = build_optimizer(model, cfg)
     loader = DataLoader(SceneBatches(cfg, 0, cfg.steps, labels=True), batch_size=None,
                         num_workers=num_workers,
-                        worker_init_fn=_worker_init if num_workers else None,
                         prefetch_factor=2 if num_workers else None)
     started, losses = time.time(), []
     model.train()
@@ -685,7 +681,6 @@ def pretrain_clip(out_dir: str | os.PathLike, *, steps: int = 2000, batch_size: 
     model.train()
     last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     loader = DataLoader(SceneBatches(cfg, step, last), batch_size=None, num_workers=num_workers,
-                        worker_init_fn=_worker_init if num_workers else None,
                         prefetch_factor=2 if num_workers else None)
     curve_set = (heldout_scenes(curve_scenes, cfg.seed, cfg.image_size, cfg.generator_version)
                  if curve_every and curve_scenes else None)
@@ -925,7 +920,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-res-fraction", type=float, default=None,
                         help="fraction of steps at --low-res "
                         f"(default: {defaults.low_res_fraction})")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+    parser.add_argument("--precision", choices=tuple(PRECISION_DTYPES), default=None,
                         help=f"training precision (default: {defaults.precision})")
     parser.add_argument("--things-prob", type=float, default=None,
                         help=f"P(shapes-only caption) (default: {defaults.things_prob})")
