@@ -110,6 +110,25 @@ def test_summed_attention_is_the_sum_of_the_maps(tiny_tokenizer):
     assert torch.equal(summed.attention_sum, each.attention[0] + each.attention[2])
 
 
+def test_attention_branch_projects_values_only(tiny_tokenizer):
+    """out_proj(weights · v) of the given weights, without computing the layer's queries or keys
+    (CLIPer runs it once per early embedding)."""
+    backbone = _backbone(16, tiny_tokenizer)
+    x = torch.randn(2, 197, backbone.width)
+    weights = torch.rand(2, backbone.num_heads, 197, 197).softmax(-1)
+    attn = backbone.layers[-1].self_attn
+    called = []
+    hooks = [getattr(attn, name).register_forward_hook(lambda *_, name=name: called.append(name))
+             for name in ("q_proj", "k_proj", "v_proj")]
+    out = backbone.attention_branch(-1, x, weights)
+    for hook in hooks:
+        hook.remove()
+    assert called == ["v_proj"]
+    _, _, v = backbone.qkv(-1, x)
+    mixed = (weights @ v).transpose(1, 2).reshape(2, 197, backbone.width)
+    assert (out - attn.out_proj(mixed)).abs().max() <= TOL
+
+
 def test_bad_surgery_arguments(tiny_tokenizer):
     backbone = _backbone(16, tiny_tokenizer)
     pixels = torch.randn(1, 3, 224, 224)

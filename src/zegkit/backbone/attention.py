@@ -21,8 +21,12 @@ AttentionFn = Callable[..., Tensor]
 
 
 def _scores(a: Tensor, b: Tensor) -> Tensor:
-    """Scaled dot products a·bᵀ / sqrt(head_dim): (B, heads, T, T)."""
-    return (a @ b.transpose(-2, -1)) * a.shape[-1] ** -0.5
+    """Scaled dot products a·bᵀ / sqrt(head_dim): (B, heads, T, T).
+
+    The scale goes on a (T x d), not on the product (T x T): 3x fewer multiplications at d = 64
+    and T = 197, and the same numbers there (1/8 is a power of two).
+    """
+    return (a * a.shape[-1] ** -0.5) @ b.transpose(-2, -1)
 
 
 def vanilla(q: Tensor, k: Tensor, grid: Grid) -> Tensor:

@@ -283,13 +283,17 @@ class ClipBackbone(nn.Module):
         layer = self.layers[index]
         h = layer.layer_norm1(x)
         attn = layer.self_attn
-        batch, tokens, _ = x.shape
+        return self._heads(attn.q_proj, h), self._heads(attn.k_proj, h), self._heads(attn.v_proj, h)
 
-        def heads(projection: nn.Linear) -> Tensor:
-            return self._linear(projection, h).view(batch, tokens, self.num_heads, -1).transpose(
-                1, 2)
+    def values(self, index: int, x: Tensor) -> Tensor:
+        """Layer `index`'s values of layer_norm1(x) (B, heads, T, d), without queries and keys."""
+        layer = self.layers[index]
+        return self._heads(layer.self_attn.v_proj, layer.layer_norm1(x))
 
-        return heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj)
+    def _heads(self, projection: nn.Linear, h: Tensor) -> Tensor:
+        """A projection of normalised tokens h (B, T, C) split into heads: (B, heads, T, d)."""
+        batch, tokens, _ = h.shape
+        return self._linear(projection, h).view(batch, tokens, self.num_heads, -1).transpose(1, 2)
 
     def block(
         self,
@@ -338,7 +342,7 @@ class ClipBackbone(nn.Module):
         Returns:
             (..., B, T, C).
         """
-        _, _, v = self.qkv(index, x.reshape(-1, *x.shape[-2:]))  # (lead*B, heads, T, d)
+        v = self.values(index, x.reshape(-1, *x.shape[-2:]))  # (lead*B, heads, T, d)
         v = v.reshape(*x.shape[:-2], *v.shape[1:])  # (..., B, heads, T, d)
         return self._merge_heads(index, weights.to(v.dtype) @ v)
 
@@ -452,7 +456,10 @@ class ClipBackbone(nn.Module):
             )
             if weights is not None and sum_attention:
                 total = result.attention_sum
-                result.attention_sum = weights if total is None else total + weights
+                if total is None:  # a copy: the sum grows in place, weights may be saved for grad
+                    result.attention_sum = weights.clone()
+                else:
+                    total.add_(weights)
             elif weights is not None:
                 result.attention[index] = weights
             if index in taps:
