@@ -22,6 +22,10 @@ count are part of the output.
 A method that states its own floor (`forward_floor`: the plain forwards per crop its design needs
 at least, e.g. ClsCLIP's encoder pass per class after shared shallow layers) also gets its ratio
 to that floor, "x floor"; other rows show "-" there.
+
+"x FLOPs" is the work of one labelling call against the plain forward's, counted by
+`torch.utils.flop_counter` (matrix products, convolutions, attention): it does not depend on the
+machine or on what else runs on it, so it shows extra work where timings on a busy machine cannot.
 """
 
 from __future__ import annotations
@@ -163,6 +167,16 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call of `fn`, as `torch.utils.flop_counter` counts them
+    (matrix products, convolutions, attention; element-wise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def peak_memory(fn: Callable[[], object]) -> tuple[int, str]:
     """(bytes, how measured): the process's resident-set peak while `fn` runs (see the module
     docstring), the loaded model included."""
@@ -199,6 +213,7 @@ class BenchRow:
     ratio: float
     peak_gib: float
     crops: int
+    flop_ratio: float  # the method's counted FLOPs / the plain forward's (see `flops`)
     floor: float | None = None  # the method's own floor in plain forwards (None: not stated)
 
     @property
@@ -234,6 +249,7 @@ def bench_model(backbone: ClipBackbone, model: str, methods: Sequence[str],
     for precision in precisions:
         config = InferenceConfig(precision=precision)
         plain, crops = plain_forward(backbone, image, config)
+        plain_flops = flops(plain)
         for count in classes:
             names = class_names(count)
             for name in methods:
@@ -247,7 +263,7 @@ def bench_model(backbone: ClipBackbone, model: str, methods: Sequence[str],
                 floor = (method.forward_floor(backbone, segmenter.text)
                          if hasattr(method, "forward_floor") else None)
                 row = BenchRow(model, name, count, precision, seconds, plain_seconds, ratio,
-                               peak / GIB, crops, floor)
+                               peak / GIB, crops, flops(label) / plain_flops, floor)
                 report(row)
                 rows.append(row)
     return rows, measure
@@ -266,7 +282,7 @@ def machine() -> dict[str, object]:
 
 
 HEADER = (f"{'model':<22}{'method':<16}{'K':>5}{'prec':>6}{'s/image':>10}{'plain s':>9}"
-          f"{'x plain':>9}{'x floor':>9}{'peak GB':>9}")
+          f"{'x plain':>9}{'x floor':>9}{'x FLOPs':>9}{'peak GB':>9}")
 
 
 def format_row(row: BenchRow) -> str:
@@ -274,7 +290,7 @@ def format_row(row: BenchRow) -> str:
     floor = "-" if row.floor_ratio is None else f"{row.floor_ratio:.2f}"
     return (f"{row.model:<22}{row.method:<16}{row.classes:>5}{row.precision:>6}"
             f"{row.seconds:>10.3f}{row.plain_seconds:>9.3f}{row.ratio:>9.2f}{floor:>9}"
-            f"{row.peak_gib:>9.2f}")
+            f"{row.flop_ratio:>9.3f}{row.peak_gib:>9.2f}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
