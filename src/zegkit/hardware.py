@@ -8,9 +8,12 @@ the machines zegkit runs on differ."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 import platform
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,6 +123,34 @@ def _check_cuda(device: str | torch.device, index: int | None) -> None:
 
 
 # ---- cores and threads ------------------------------------------------------------------------
+# glibc's malloc.h: mallopt parameters.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+# Blocks up to this size come from the heap and are reused when freed (glibc's own ceiling is
+# 32 MiB: a ViT-B/16 MLP activation over 15 crops is 36 MiB, and each such block went back to
+# the kernel on free and faulted its pages in again on the next layer). Larger ones (a
+# full-resolution score map) are still mapped and returned to the kernel.
+HEAP_BLOCK_BYTES = 256 * 2**20
+# Free memory kept at the top of the heap instead of being returned after each call.
+HEAP_KEPT_BYTES = 512 * 2**20
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed tensor memory instead of returning it to the kernel and
+    faulting it in again: a process-wide setting, made by the `zegkit` command (never on
+    import). SCLIP on a random ViT-B/16, 15 crops of 224, one thread, AMD EPYC: page faults
+    per forward 398-434k -> 0-3k, CPU seconds 8.30 / 7.65 -> 6.60 / 6.51; peak RSS 1.10 -> 1.24
+    GiB.
+
+    Returns:
+        Whether it was set (False off Linux or off glibc, where malloc decides alone).
+    """
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)
+                and libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEPT_BYTES))
+
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")
 
