@@ -53,12 +53,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import repeat
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zegkit.backbone import ClipBackbone
+from zegkit.backbone import ClipBackbone, Intermediates
 from zegkit.methods.base import Method, MethodConfig, RefinerSpec, token_map
 from zegkit.refine.diffusion import ATTENTION_THRESHOLD, SD_MODEL, require_weights
 from zegkit.scores import Activation
@@ -203,9 +204,9 @@ class CLIPer(Method):
             pixels, indices=early[:-1], stop_early=True, return_attention=early,
             sum_attention=True, position_rounding=self._position_rounding(),
         )
-        mean = out.attention_sum / len(early)  # (B, heads, T, T)
-        inputs = self._early_inputs(backbone, pixels, out)  # N x (B, T, C)
-        for x, attention in zip(inputs, self._pass_attentions(mean, len(inputs)), strict=True):
+        mean = out.attention_sum.div_(len(early))  # (B, heads, T, T)
+        inputs = self._early_inputs(backbone, pixels, out)  # N x (B, T, C), one at a time
+        for x, attention in zip(inputs, self._pass_attentions(mean, layers), strict=True):
             tokens = backbone.attention_branch(layers - 1, x, attention)  # (B, T, C)
             yield F.normalize(backbone.project(tokens[:, 1:, :]), dim=-1), attention
 
@@ -213,28 +214,33 @@ class CLIPer(Method):
         """float16 for the released variant (its position embeddings are half precision)."""
         return torch.float16 if self.config.variant == "released" else None
 
-    def _pass_attentions(self, mean: Tensor, passes: int) -> list[Tensor]:
-        """The attention (B, heads, T, T) each of the `passes` runs of the last layer uses."""
+    def _pass_attentions(self, mean: Tensor, passes: int) -> Iterator[Tensor]:
+        """The attention (B, heads, T, T) each of the `passes` runs of the last layer uses, made
+        as the passes ask for it."""
         if not self.config.normalize_attention:
-            return [mean] * passes
-        if self.config.variant == "paper":
-            return [normalize_fused_attention(mean)] * passes
-        attentions = []
-        for _ in range(passes):  # the code's in-place balancing accumulates over the passes
-            mean = balance_attention(mean)
-            attentions.append(symmetric_affinity(mean))
-        return attentions
+            yield from repeat(mean, passes)
+        elif self.config.variant == "paper":
+            yield from repeat(normalize_fused_attention(mean), passes)
+        else:
+            for _ in range(passes):  # the code's in-place balancing accumulates over the passes
+                mean = balance_attention(mean)
+                yield symmetric_affinity(mean)
 
-    def _early_inputs(self, backbone: ClipBackbone, pixels: Tensor, out) -> list[Tensor]:
-        """The N inputs (B, T, C) of the last layer: F⁰..F^{N-2} ([CLS] first) — each through
-        its own layer's layer_norm1 in the released variant — and F^{N-1} as it is."""
-        embeddings = [backbone.embed(pixels, self._position_rounding())]
-        for prefix, tokens in zip(out.intermediate_prefix, out.intermediates, strict=True):
-            embeddings.append(torch.cat([prefix[:, None], tokens], dim=1))
-        if self.config.variant == "released":
-            embeddings = [backbone.layers[n].layer_norm1(x) for n, x in enumerate(embeddings)]
-        embeddings.append(out.hidden)  # F^{N-1}, the last layer's normal input, in both
-        return embeddings
+    def _early_inputs(self, backbone: ClipBackbone, pixels: Tensor, out: Intermediates
+                      ) -> Iterator[Tensor]:
+        """The N inputs (B, T, C) of the last layer, one at a time: F⁰..F^{N-2} ([CLS] first) —
+        each through its own layer's layer_norm1 in the released variant — and F^{N-1} as it
+        is. Each layer's output leaves `out` as its copy is made, so the N early embeddings are
+        held once, not twice (random ViT-B/16, 15 crops: 109 MB each time)."""
+        released = self.config.variant == "released"
+        x = backbone.embed(pixels, self._position_rounding())
+        for slot in range(len(out.intermediates) + 1):  # F^0..F^{N-2}
+            if slot:
+                prefix, tokens = out.intermediate_prefix[slot - 1], out.intermediates[slot - 1]
+                out.intermediate_prefix[slot - 1] = out.intermediates[slot - 1] = None
+                x = torch.cat([prefix[:, None], tokens], dim=1)
+            yield backbone.layers[slot].layer_norm1(x) if released else x
+        yield out.hidden  # F^{N-1}, the last layer's normal input, in both
 
     def dense_features(self, backbone: ClipBackbone, pixels: Tensor) -> Tensor:
         """Feature-space fusion (B, D, h, w): the renormalised mean of the N fused embeddings.
