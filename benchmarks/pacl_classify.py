@@ -1,7 +1,8 @@
 """Zero-shot classification on held-out proving-ground scenes, with and without PACL.
 
     python benchmarks/pacl_classify.py --data-root runs/pacl-synthetic/held_out \
-        --checkpoint runs/pacl-synthetic/last.safetensors --output pacl_classify.json
+        --checkpoint runs/pacl-synthetic/last.safetensors \
+        --output benchmarks/results/pacl_classify.json
 
 Each scene is classified among the 20 proving-ground classes by `zegkit.classify` (ImageNet
 template ensemble): `naive` is CLIP's own classifier (global image embedding), `pacl` the pooled
