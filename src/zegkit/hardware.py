@@ -3,8 +3,9 @@ AMX, and emulated (several times slower than fp32) on AVX2-only CPUs. And how ma
 process may use (its CPU affinity and cgroup quota, which torch's default thread count ignores),
 split between the model's threads and the loader workers, since threads competing for cores
 are several times slower than fewer threads (a 224-px scene beside one busy process on 2 cores:
-1.21 s with 2 threads, 0.18 s with 1; issue 17). Detected at run time; never assumed, because
-the machines zegkit runs on differ."""
+1.21 s with 2 threads, 0.18 s with 1; issue 17). And how freed tensor memory is reused
+(`keep_freed_memory`). Detected at run time; never assumed, because the machines zegkit runs on
+differ."""
 
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def _check_cuda(device: str | torch.device, index: int | None) -> None:
                            f"cuda:0..cuda:{count - 1}.")
 
 
-# ---- cores and threads ------------------------------------------------------------------------
+# ---- memory allocator -------------------------------------------------------------------------
 # glibc's malloc.h: mallopt parameters.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # Blocks up to this size come from the heap and are reused when freed (glibc's own ceiling is
@@ -151,6 +152,7 @@ def keep_freed_memory() -> bool:
                 and libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEPT_BYTES))
 
 
+# ---- cores and threads ------------------------------------------------------------------------
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")
 
