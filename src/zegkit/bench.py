@@ -31,8 +31,6 @@ machine or on what else runs on it, so it shows extra work where timings on a bu
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import resource
 import statistics
@@ -50,6 +48,7 @@ from zegkit.hardware import (
     PRECISIONS,
     cpu_bf16_flags,
     cpu_model,
+    glibc,
     native_bf16,
     resolve_precision,
     usable_cores,
@@ -181,9 +180,9 @@ def peak_memory(fn: Callable[[], object]) -> tuple[int, str]:
     """(bytes, how measured): the process's resident-set peak while `fn` runs (see the module
     docstring), the loaded model included."""
     gc.collect()
-    libc = ctypes.util.find_library("c")
+    libc = glibc()
     if libc is not None:
-        ctypes.CDLL(libc).malloc_trim(0)
+        libc.malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text(CLEAR_PEAK_RSS)
     except OSError:

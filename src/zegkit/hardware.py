@@ -135,6 +135,14 @@ HEAP_BLOCK_BYTES = 256 * 2**20
 HEAP_KEPT_BYTES = 512 * 2**20
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc, whose malloc zegkit tunes and trims; None elsewhere
+    (macOS, musl), whose malloc has neither `mallopt`'s thresholds nor `malloc_trim`."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
 def keep_freed_memory() -> bool:
     """Let glibc's malloc reuse freed tensor memory instead of returning it to the kernel and
     faulting it in again: a process-wide setting, made by the `zegkit` command (never on
@@ -145,9 +153,9 @@ def keep_freed_memory() -> bool:
     Returns:
         Whether it was set (False off Linux or off glibc, where malloc decides alone).
     """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    libc = glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
     return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)
                 and libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEPT_BYTES))
 
