@@ -109,6 +109,25 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_clip_dir, tmp_path
     assert len(steps) == 6  # lines of the killed run past its checkpoint were dropped
 
 
+def test_a_kill_inside_a_checkpoint_loses_no_kept_file(tiny_clip_dir, tmp_path, monkeypatch):
+    import zegkit.train.loop as loop
+
+    recipe = with_overrides(get_recipe("zegclip-synthetic"), {"model": str(tiny_clip_dir), **SMALL})
+    save = loop.save_method
+
+    def die_before_the_kept_file(method, path, backbone):  # the process dies mid-checkpoint
+        if path.name == "step_3.safetensors":
+            raise KeyboardInterrupt
+        save(method, path, backbone)
+
+    monkeypatch.setattr(loop, "save_method", die_before_the_kept_file)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, tmp_path / "run", num_workers=0, progress=False)
+    monkeypatch.setattr(loop, "save_method", save)
+    train(recipe, tmp_path / "run", resume=True, num_workers=0, progress=False)
+    assert (tmp_path / "run" / "step_3.safetensors").exists()
+
+
 def _reached(out: Path, step: int) -> bool:
     """Whether the run in `out` has checkpointed `step` or later."""
     path = out / "state.pt"

@@ -8,7 +8,8 @@ Run folder (`out`):
     recipe.json         the resolved recipe (a resumed run must match it)
     log.jsonl           one line per logged step: step, loss terms, lr, images/s; eval lines
     state.pt            everything needed to resume exactly: method tensors, optimiser, step,
-                        every rank's RNG states (written atomically; the one file resume reads)
+                        every rank's RNG states (written atomically, after the method
+                        files: the one file resume reads, so it commits a checkpoint)
     last.safetensors    the method checkpoint (`zegkit.methods.checkpoint`), for eval/segment
     step_<N>.safetensors  kept checkpoints (recipe.keep_steps, e.g. the transductive stage's init)
     eval.json           the last evaluation
@@ -401,10 +402,15 @@ def _accumulated_step(wrapped: nn.Module, backbone: ClipBackbone, batches, accum
 
 def _checkpoint(out: Path, method: Method, optimizer: torch.optim.Optimizer, step: int,
                 backbone: ClipBackbone, recipe: Recipe, context: DistributedContext) -> None:
-    """state.pt first (what resume reads), then the method file(s) for eval/segment."""
-    _save_state(out, method, optimizer, step, context)
+    """The method file(s) for eval/segment first, state.pt (what resume reads) last.
+
+    state.pt commits the checkpoint: a kill before it leaves the previous state.pt, and the
+    resumed run redoes these steps and rewrites the same files. Written first, a kill between
+    it and a kept step_<N> file would lose that file for good (resume starts past step N).
+    """
     if context.is_main:
         save_method(method, out / LAST_FILE, backbone)
         if step in recipe.keep_steps:
             save_method(method, out / f"step_{step}.safetensors", backbone)
+    _save_state(out, method, optimizer, step, context)
     barrier()
