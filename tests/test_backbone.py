@@ -1,5 +1,7 @@
 """The layer-by-layer forward reproduces transformers' CLIP exactly when no surgery is asked for."""
 
+import gc
+
 import pytest
 import torch
 from conftest import make_tiny_clip
@@ -108,6 +110,23 @@ def test_summed_attention_is_the_sum_of_the_maps(tiny_tokenizer):
                                             sum_attention=True)
     assert summed.attention == {} and torch.equal(summed.hidden, each.hidden)
     assert torch.equal(summed.attention_sum, each.attention[0] + each.attention[2])
+
+
+def test_summed_attention_is_not_held_through_the_feed_forward(tiny_tokenizer):
+    """With sum_attention a layer's weights join the sum before its FFN runs, so only the sum
+    (B, heads, T, T) is alive there (CLIPer's peak is in an early layer's FFN)."""
+    backbone = _backbone(16, tiny_tokenizer)
+    maps = []
+
+    def count_attention_maps(*_):
+        shape = (2, backbone.num_heads, 197, 197)
+        maps.append(sum(isinstance(o, torch.Tensor) and o.shape == shape for o in gc.get_objects()))
+
+    hook = backbone.layers[1].mlp.fc1.register_forward_hook(count_attention_maps)
+    backbone.forward_intermediates(torch.randn(2, 3, 224, 224), indices=[],
+                                   return_attention=[0, 1], sum_attention=True)
+    hook.remove()
+    assert maps == [1]
 
 
 def test_attention_branch_projects_values_only(tiny_tokenizer):

@@ -1,6 +1,7 @@
 """CLIPer: the early-layer fusion against a direct computation of its formula on a tiny CLIP, and
 the Stable Diffusion self-attention refiner on a tiny random UNet / VAE."""
 
+import gc
 import math
 import sys
 from functools import reduce
@@ -163,6 +164,25 @@ def test_fused_attention_and_dense_features(backbone):
     expected = F.normalize(z.mean(0), dim=-1).transpose(1, 2).reshape(1, -1, 14, 14)
     assert dense.shape == (1, backbone.embed_dim, 14, 14)
     assert (dense - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("variant, maps", [("paper", [1, 1, 1]), ("released", [2, 3, 3])])
+def test_the_passes_hold_few_attention_maps(backbone, text, variant, maps):
+    """Attention maps alive while each pass projects its values: the paper variant's one
+    normalised map (the mean is normalised in place and dropped; 2 before); the released
+    variant's running balanced map, its pass's affinity and, from the second pass, the previous
+    pass's, still bound to the callers' loop variables (3 and 4 before)."""
+    alive = []
+
+    def count_attention_maps(*_):
+        shape = (1, backbone.num_heads, 197, 197)
+        alive.append(sum(isinstance(o, torch.Tensor) and o.shape == shape
+                         for o in gc.get_objects()))
+
+    hook = backbone.layers[-1].self_attn.v_proj.register_forward_hook(count_attention_maps)
+    CLIPer(CLIPerConfig(variant=variant))(backbone, torch.randn(1, 3, 224, 224), text)
+    hook.remove()
+    assert alive == maps
 
 
 def test_outputs_are_probabilities_also_under_autocast(backbone, text):

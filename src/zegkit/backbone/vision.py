@@ -314,7 +314,14 @@ class ClipBackbone(nn.Module):
             (B, heads, T, T) under the surgery's variant (None otherwise).
         """
         surgery = surgery or VANILLA
-        layer = self.layers[index]
+        x, weights = self._attention_step(index, x, grid, surgery, return_attention,
+                                          attention_mask)
+        return self._ffn_step(index, x, surgery), weights
+
+    def _attention_step(self, index: int, x: Tensor, grid: Grid, surgery: BlockSurgery,
+                        return_attention: bool, attention_mask: Tensor | None
+                        ) -> tuple[Tensor, Tensor | None]:
+        """`block`'s attention half: tokens after the attention (and residual), the weights."""
         q, k, v = self.qkv(index, x)
         weights = None
         if return_attention:
@@ -323,10 +330,13 @@ class ClipBackbone(nn.Module):
         else:
             mixed = surgery.attend(q, k, v, grid, attention_mask)
         out = self._merge_heads(index, mixed)
-        x = x + out if surgery.residual else out
-        if surgery.ffn:
-            x = x + self._mlp(index, layer.layer_norm2(x))
-        return x, weights
+        return (x + out if surgery.residual else out), weights
+
+    def _ffn_step(self, index: int, x: Tensor, surgery: BlockSurgery) -> Tensor:
+        """`block`'s feed-forward half (with its residual), where the surgery keeps it."""
+        if not surgery.ffn:
+            return x
+        return x + self._mlp(index, self.layers[index].layer_norm2(x))
 
     def attention_branch(self, index: int, x: Tensor, weights: Tensor) -> Tensor:
         """Layer `index`'s attention branch with given attention weights: out_proj(weights · v).
@@ -451,21 +461,31 @@ class ClipBackbone(nn.Module):
                 x = torch.cat([x, _batched(inject.suffix, x)], dim=1)
                 result.num_suffix = x.shape[1] - result.num_prefix - grid[0] * grid[1]
             mask = inject.attention_mask if result.num_suffix else None
-            x, weights = self.block(
-                index, x, grid, surgery.get(index), index in attention_layers, mask
+            layer_surgery = surgery.get(index) or VANILLA
+            x, weights = self._attention_step(
+                index, x, grid, layer_surgery, index in attention_layers, mask
             )
-            if weights is not None and sum_attention:
-                total = result.attention_sum
-                if total is None:  # a copy: the sum grows in place, weights may be saved for grad
-                    result.attention_sum = weights.clone()
-                else:
-                    total.add_(weights)
-            elif weights is not None:
-                result.attention[index] = weights
+            # weights leave before the feed-forward half: summed, they need not outlive it
+            self._keep_attention(result, index, weights, sum_attention)
+            del weights
+            x = self._ffn_step(index, x, layer_surgery)
             if index in taps:
                 self._tap(result, x, norm, output_fmt)
         result.hidden = x
         return result
+
+    @staticmethod
+    def _keep_attention(result: Intermediates, index: int, weights: Tensor | None,
+                        sum_attention: bool) -> None:
+        """Store layer `index`'s attention weights in `result`, or add them to its sum."""
+        if weights is None:
+            return
+        if not sum_attention:
+            result.attention[index] = weights
+        elif result.attention_sum is None:  # a copy: the sum grows in place, weights may be
+            result.attention_sum = weights.clone()  # saved for grad
+        else:
+            result.attention_sum.add_(weights)
 
     def _inject(self, x: Tensor, index: int, cls: Mapping[int, Tensor],
                 prompts: Mapping[int, Tensor], result: Intermediates) -> Tensor:

@@ -119,23 +119,26 @@ class CLIPerConfig(MethodConfig):
                 )
 
 
-def balance_attention(attention: Tensor) -> Tensor:
-    """One column-then-row normalisation of attention maps (..., T, T): the code's in-place step."""
-    attention = attention / attention.sum(-2, keepdim=True).clamp_min(NORMALIZE_EPS)
-    return attention / attention.sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS)
+def balance_attention_(attention: Tensor) -> Tensor:
+    """One column-then-row normalisation of attention maps (..., T, T), in place, as the code's
+    step is; returns `attention`."""
+    attention.div_(attention.sum(-2, keepdim=True).clamp_min(NORMALIZE_EPS))
+    return attention.div_(attention.sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS))
 
 
 def symmetric_affinity(attention: Tensor) -> Tensor:
-    """The rest of the code's "fused-attn" chain on balanced maps (..., T, T): symmetrise,
-    subtract each column's mean over the rows, clip negatives, rows to sum 1."""
-    attention = (attention + attention.transpose(-2, -1)) / 2
-    attention = (attention - attention.mean(-2, keepdim=True)).clamp_min(0)
-    return attention / attention.sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS)
+    """The rest of the code's "fused-attn" chain on balanced maps (..., T, T), into one new
+    tensor: symmetrise, subtract each column's mean over the rows, clip negatives, rows to
+    sum 1."""
+    affinity = (attention + attention.transpose(-2, -1)).div_(2)
+    affinity.sub_(affinity.mean(-2, keepdim=True)).clamp_min_(0)
+    return affinity.div_(affinity.sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS))
 
 
-def normalize_fused_attention(attention: Tensor) -> Tensor:
-    """The code's "fused-attn" normalisation of averaged attention maps (..., T, T), once."""
-    return symmetric_affinity(balance_attention(attention))
+def normalize_fused_attention_(attention: Tensor) -> Tensor:
+    """The code's "fused-attn" normalisation of averaged attention maps (..., T, T), once;
+    `attention` is balanced in place on the way."""
+    return symmetric_affinity(balance_attention_(attention))
 
 
 class CLIPer(Method):
@@ -204,9 +207,13 @@ class CLIPer(Method):
             pixels, indices=early[:-1], stop_early=True, return_attention=early,
             sum_attention=True, position_rounding=self._position_rounding(),
         )
-        mean = out.attention_sum.div_(len(early))  # (B, heads, T, T)
+        # the mean (B, heads, T, T) goes to the passes alone, so the paper variant frees it
+        # once normalised (a map is 28 MB on B/16 x 15 crops)
+        mean, out.attention_sum = out.attention_sum.div_(len(early)), None
+        attentions = self._pass_attentions(mean, layers)
+        del mean
         inputs = self._early_inputs(backbone, pixels, out)  # N x (B, T, C), one at a time
-        for x, attention in zip(inputs, self._pass_attentions(mean, layers), strict=True):
+        for x, attention in zip(inputs, attentions, strict=True):
             tokens = backbone.attention_branch(layers - 1, x, attention)  # (B, T, C)
             yield F.normalize(backbone.project(tokens[:, 1:, :]), dim=-1), attention
 
@@ -220,11 +227,12 @@ class CLIPer(Method):
         if not self.config.normalize_attention:
             yield from repeat(mean, passes)
         elif self.config.variant == "paper":
-            yield from repeat(normalize_fused_attention(mean), passes)
+            fused = normalize_fused_attention_(mean)
+            del mean
+            yield from repeat(fused, passes)
         else:
             for _ in range(passes):  # the code's in-place balancing accumulates over the passes
-                mean = balance_attention(mean)
-                yield symmetric_affinity(mean)
+                yield symmetric_affinity(balance_attention_(mean))
 
     def _early_inputs(self, backbone: ClipBackbone, pixels: Tensor, out: Intermediates
                       ) -> Iterator[Tensor]:
