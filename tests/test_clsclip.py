@@ -84,15 +84,16 @@ def _per_pair_reference(backbone, pixels, text, layers, token, readout, surgery,
 
 
 def _rows_per_layer(backbone, monkeypatch):
-    """Counts the token sequences each encoder layer runs on (a spy on ClipBackbone.block)."""
+    """Counts the token sequences each encoder layer runs on (a spy on the attention half of a
+    layer, which `ClipBackbone.block` and `forward_intermediates` both run)."""
     rows = [0] * backbone.num_layers
-    block = backbone.block
+    attention_step = backbone._attention_step
 
     def counted(index, x, *args, **kwargs):
         rows[index] += x.shape[0]
-        return block(index, x, *args, **kwargs)
+        return attention_step(index, x, *args, **kwargs)
 
-    monkeypatch.setattr(backbone, "block", counted)
+    monkeypatch.setattr(backbone, "_attention_step", counted)
     return rows
 
 
