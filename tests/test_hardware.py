@@ -113,10 +113,10 @@ def test_eval_threads_set_torch_unless_the_environment_did(monkeypatch):
 # A 36 MiB block (a ViT-B/16 MLP activation over 15 crops) allocated, written and freed twice
 # through glibc's malloc: the page faults of the second time.
 REFAULT_PROBE = """
-import ctypes, ctypes.util, resource, sys
-from zegkit.hardware import keep_freed_memory
+import ctypes, resource, sys
+from zegkit.hardware import glibc, keep_freed_memory
 kept = sys.argv[1] == "keep" and keep_freed_memory()
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc = glibc()
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 def cycle(size):
