@@ -213,9 +213,13 @@ class CLIPer(Method):
         attentions = self._pass_attentions(mean, layers)
         del mean
         inputs = self._early_inputs(backbone, pixels, out)  # N x (B, T, C), one at a time
-        for x, attention in zip(inputs, attentions, strict=True):
+        # not zip: it holds its previous pair while making the next (so does enumerate), and
+        # the released variant's previous affinity (28 MB on B/16 x 15 crops) would stay alive
+        for x in inputs:
+            attention = next(attentions)
             tokens = backbone.attention_branch(layers - 1, x, attention)  # (B, T, C)
             yield F.normalize(backbone.project(tokens[:, 1:, :]), dim=-1), attention
+            del x, attention, tokens
 
     def _position_rounding(self) -> torch.dtype | None:
         """float16 for the released variant (its position embeddings are half precision)."""
@@ -270,19 +274,20 @@ class CLIPer(Method):
         chosen_index = None
         if self.config.propagate_layer is not None:
             chosen_index = self._propagate_index(count) % count
-        total = chosen = last_attention = None
-        for index, (features, attention) in enumerate(self._passes(backbone, pixels)):
-            last_attention = attention  # the released variant's shared map, as it ends
+        total = chosen = propagated = None
+        passes = self._passes(backbone, pixels)
+        for index in range(count):  # one at a time, nothing of the previous pass held (`_passes`)
+            features, attention = next(passes)
             # the maps in float32, also under autocast (bf16 would blur softmax(100 · cos))
             with torch.autocast(features.device.type, enabled=False):
                 scores = self.config.logit_scale * features.float() @ text_rows.float().T
                 maps = scores.softmax(-1)  # (B, h*w, Q)
-            total = maps if total is None else total + maps
-            chosen = maps if index == chosen_index else chosen
-        coarse = total / count
-        if chosen is not None:
-            with torch.autocast(coarse.device.type, enabled=False):
-                coarse = coarse + self._propagated(chosen, last_attention.float(), count)
+                total = maps if total is None else total + maps
+                chosen = maps if index == chosen_index else chosen
+                if chosen is not None and index == count - 1:  # by the last pass's attention
+                    propagated = self._propagated(chosen, attention.float(), count)
+            del features, attention
+        coarse = total / count if propagated is None else total / count + propagated
         batch, _, rows = coarse.shape
         return coarse.transpose(1, 2).reshape(batch, rows, *backbone.grid_size(pixels))
 
