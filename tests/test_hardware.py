@@ -101,13 +101,98 @@ def test_eval_threads_set_torch_unless_the_environment_did(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     torch.set_num_threads(3)
     with hardware.eval_threads(num_workers=1) as plan:
-        assert plan == ThreadPlan(2, 1, "usable cores") and torch.get_num_threads() == 2
+        assert (plan.threads, plan.num_workers) == (2, 1) and torch.get_num_threads() == 2
+        assert plan.threads_from in ("usable cores", hardware.FOLLOWING_LOAD)
     assert torch.get_num_threads() == 3  # restored on exit
     with hardware.eval_threads(num_workers=0, threads=1):
         assert torch.get_num_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torch applied it at start; 3 stands for that
     with hardware.eval_threads() as plan:
         assert plan.threads_from == "OMP_NUM_THREADS" and torch.get_num_threads() == 3
+
+
+
+def test_threads_are_the_cores_others_leave_free():
+    assert hardware.free_core_threads(2, 0.0, ceiling=2, workers=0) == 2
+    assert hardware.free_core_threads(2, 0.64, ceiling=2, workers=0) == 1  # a neighbour's share
+    assert hardware.free_core_threads(2, 0.4, ceiling=2, workers=0) == 2  # background noise
+    assert hardware.free_core_threads(2, 2.0, ceiling=2, workers=0) == 1  # at least one
+    assert hardware.free_core_threads(8, 2.4, ceiling=8, workers=2) == 4
+    assert hardware.free_core_threads(8, 0.0, ceiling=4, workers=0) == 4  # never above the plan
+
+
+def test_busy_seconds_of_the_given_cores_from_proc_stat(tmp_path):
+    (tmp_path / "stat").write_text(
+        "cpu  10 10 10 10 10 10 10 10 0 0\n"
+        "cpu0 100 1 10 5000 70 0 2 3 50 0\n"  # user nice system idle iowait irq softirq steal
+        "cpu1 200 0 20 9000 0 0 0 0 0 0\n"
+        "cpu2 999 0 0 0 0 0 0 0 0 0\n"
+        "intr 1 2 3\n")
+    tick = hardware.os.sysconf("SC_CLK_TCK")
+    assert hardware.busy_cpu_seconds({0, 1}, proc=tmp_path) == pytest.approx(336 / tick)
+    assert hardware.busy_cpu_seconds({3}, proc=tmp_path) == 0
+    assert hardware.busy_cpu_seconds({0}, proc=tmp_path / "missing") is None
+
+
+@pytest.mark.skipif(not hardware.PROC.joinpath("self", "task").is_dir(), reason="needs /proc")
+def test_own_cpu_seconds_count_a_live_child_process():
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 0.6\n"
+                              "while time.time() < end: pass\ninput()"],
+                             stdin=subprocess.PIPE)
+    try:
+        before = hardware.own_cpu_seconds()
+        child_cpu = 0.0
+        while child_cpu < 0.3:  # the child's own account of its busy loop so far
+            stat = hardware.PROC.joinpath(str(child.pid), "stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()[hardware.CHILD_CPU_FIELDS]
+            child_cpu = sum(map(int, fields)) / hardware.os.sysconf("SC_CLK_TCK")
+        assert hardware.own_cpu_seconds() - before >= 0.2
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_threads_follow_a_neighbour_that_comes_and_goes(monkeypatch):
+    """Scripted looks at 2 cores: a neighbour takes its share, stays, and leaves."""
+    clock = iter([1.0, 2.0, 3.0, 4.0])
+    others_per_look = iter([0.64, 1.0, 0.05, 0.05])
+    busy = own = 0.0
+
+    def look_busy(cpus):
+        nonlocal busy
+        busy += next(others_per_look) + 1.0  # this process keeps one core busy
+        return busy
+
+    def look_own():
+        nonlocal own
+        own += 1.0
+        return own
+
+    monkeypatch.setattr(hardware.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(hardware, "own_cpu_seconds", look_own)
+    torch.set_num_threads(2)
+    follower = hardware.LoadFollower(frozenset({0, 1}), ceiling=2, workers=0, looked_at=0.0,
+                                     busy=0.0, own=0.0)
+    monkeypatch.setattr(hardware, "busy_cpu_seconds", look_busy)
+    seen = []
+    for _ in range(4):
+        follower.follow()
+        seen.append(torch.get_num_threads())
+    assert seen == [1, 1, 2, 2]
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_only_threads_the_policy_chose_follow_the_load(monkeypatch):
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with hardware.eval_threads(num_workers=0) as plan:
+        following = hardware._load_follower is not None
+        assert following == (plan.threads_from == hardware.FOLLOWING_LOAD)
+        assert following or not hardware.PROC.joinpath("stat").exists()
+    assert hardware._load_follower is None  # off after the evaluation
+    with hardware.eval_threads(num_workers=0, threads=1) as plan:
+        assert hardware._load_follower is None and plan.threads_from == "threads argument"
 
 
 # A 36 MiB block (a ViT-B/16 MLP activation over 15 crops) allocated, written and freed twice

@@ -1,9 +1,10 @@
 """What this machine computes fast: bf16 is native on recent GPUs and on CPUs with AVX-512 BF16 or
 AMX, and emulated (several times slower than fp32) on AVX2-only CPUs. And how many cores this
 process may use (its CPU affinity and cgroup quota, which torch's default thread count ignores),
-split between the model's threads and the loader workers, since threads competing for cores
-are several times slower than fewer threads (a 224-px scene beside one busy process on 2 cores:
-1.21 s with 2 threads, 0.18 s with 1; issue 17). And how freed tensor memory is reused
+split between the model's threads and the loader workers and kept on the cores other processes
+leave free (`LoadFollower`), since threads competing for cores are several times slower than
+fewer threads (a 224-px scene beside one busy process on 2 cores: 1.21 s with 2 threads, 0.18 s
+with 1; issue 17). And how freed tensor memory is reused
 (`keep_freed_memory`). Detected at run time; never assumed, because the machines zegkit runs on
 differ."""
 
@@ -15,9 +16,10 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path, PurePosixPath
 
@@ -250,6 +252,7 @@ def cores_per_process() -> int:
 
 
 THREAD_ENVIRONMENT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's default reads, in order
+USABLE_CORES = "usable cores"  # a ThreadPlan's threads_from when the policy chose them
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,7 @@ class ThreadPlan:
 
     threads: int  # torch intra-op threads of the process running the model
     num_workers: int  # DataLoader worker processes decoding ahead (torch runs each on 1 thread)
-    threads_from: str  # "threads argument", an environment variable's name, or "usable cores"
+    threads_from: str  # "threads argument", an environment variable, USABLE_CORES, FOLLOWING_LOAD
 
 
 # Workers decoding ahead of a model on a GPU (zegkit eval's default on every device until now).
@@ -288,8 +291,8 @@ def eval_thread_plan(cores: int, *, num_workers: int | None = None, threads: int
 
     Policy: `default_eval_workers(cores, device)` workers, and the cores they leave to torch's
     intra-op threads (at least 1), so the model's threads and the workers do not compete for
-    cores. Other processes' load is not looked at: beside busy processes fewer threads are
-    faster (set `threads` or OMP_NUM_THREADS).
+    cores; `eval_threads` then lowers them to the cores other processes leave free
+    (`LoadFollower`).
 
     Args:
         cores: the cores this process may use (`cores_per_process()`).
@@ -308,7 +311,7 @@ def eval_thread_plan(cores: int, *, num_workers: int | None = None, threads: int
         count = _positive_int(environment.get(name, ""))
         if count is not None:
             return ThreadPlan(count, workers, name)
-    return ThreadPlan(max(1, cores - workers), workers, "usable cores")
+    return ThreadPlan(max(1, cores - workers), workers, USABLE_CORES)
 
 
 def _positive_int(text: str) -> int | None:
@@ -323,15 +326,18 @@ def eval_threads(num_workers: int | None = None, threads: int | None = None,
                  device: str | torch.device = "cpu") -> Iterator[ThreadPlan]:
     """Run inside with `eval_thread_plan`'s threads: torch.set_num_threads on entry, unless the
     count comes from the environment (torch read it at start), and torch's count restored on
-    exit. For the caller that owns the process's threads (`zegkit eval`);
-    `zegkit.evaluate.evaluate` itself leaves them as they are.
+    exit. Threads the policy chose (no `threads`, no environment variable) then follow other
+    processes' load: the evaluation loops call `follow_load` between images (`LoadFollower`).
+    For the caller that owns the process's threads (`zegkit eval`); outside this context
+    `zegkit.evaluate.evaluate` leaves them as they are.
 
     Args:
         num_workers, threads, device: as in `eval_thread_plan`.
 
     Yields:
-        The plan in force.
+        The plan in force (`threads_from` is FOLLOWING_LOAD when the threads follow the load).
     """
+    global _load_follower
     plan = eval_thread_plan(cores_per_process(), num_workers=num_workers, threads=threads,
                             device=device)
     if plan.threads_from in THREAD_ENVIRONMENT:
@@ -339,7 +345,110 @@ def eval_threads(num_workers: int | None = None, threads: int | None = None,
         return
     before = torch.get_num_threads()
     torch.set_num_threads(plan.threads)
+    follower = LoadFollower.start(plan) if plan.threads_from == USABLE_CORES else None
+    if follower is not None:
+        plan = replace(plan, threads_from=FOLLOWING_LOAD)
+    _load_follower = follower
     try:
         yield plan
     finally:
+        _load_follower = None
         torch.set_num_threads(before)
+
+
+# ---- following other processes' load --------------------------------------------------------
+PROC = Path("/proc")
+# Seconds between two looks at other processes' load (`LoadFollower`): 100 of /proc/stat's
+# 10-ms ticks on 2 cores; a look (/proc/stat and this process's children) costs ~0.1 ms.
+LOAD_PERIOD_S = 0.5
+# The fields of a /proc/stat "cpuN" line that are busy time: user nice system (idle iowait)
+# irq softirq steal; guest time is already inside user and nice.
+BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
+# /proc/<pid>/stat's utime and stime, counted from the field after the command's ")".
+CHILD_CPU_FIELDS = slice(11, 13)
+FOLLOWING_LOAD = "usable cores less those other processes keep busy"
+
+_load_follower: LoadFollower | None = None
+
+
+def busy_cpu_seconds(cpus: Collection[int], proc: Path = PROC) -> float | None:
+    """CPU-seconds that cores `cpus` have spent busy since boot, whoever ran on them (time the
+    hypervisor gave to other machines included); None where /proc/stat cannot be read."""
+    text = _read(proc / "stat")
+    if text is None:
+        return None
+    names = {f"cpu{cpu}" for cpu in cpus}
+    ticks = sum(int(fields[1:][index]) for fields in map(str.split, text.splitlines())
+                if fields and fields[0] in names for index in BUSY_FIELDS)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds(proc: Path = PROC) -> float:
+    """CPU-seconds this process and its child processes (loader workers; those reaped
+    included) have used: their load is the evaluation's own, not another process's."""
+    reaped = os.times()
+    seconds = time.process_time() + reaped.children_user + reaped.children_system
+    ticks = 0
+    for children in (proc / "self" / "task").glob("*/children"):
+        for pid in (_read(children) or "").split():
+            stat = _read(proc / pid / "stat") or ")"
+            ticks += sum(map(int, stat.rsplit(")", 1)[1].split()[CHILD_CPU_FIELDS]))
+    return seconds + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def free_core_threads(cores: int, others_busy: float, ceiling: int, workers: int) -> int:
+    """Threads for the cores other processes leave free: `cores` less the cores' worth of time
+    the others kept busy, rounded to whole cores, less the loader workers' cores; 1 at least
+    and `ceiling` (the plan's threads) at most."""
+    return max(1, min(ceiling, math.floor(cores - others_busy + 0.5) - workers))
+
+
+@dataclass
+class LoadFollower:
+    """Keeps torch's threads on the cores other processes leave free, looking every
+    LOAD_PERIOD_S at how busy the usable cores were without this process and its workers.
+
+    Threads waiting for a core a neighbour holds stall every parallel step: beside one busy
+    single-threaded process on 2 cores, the tiny CLIP evaluated 10.7 images/s with 2 threads
+    and 29.8 with 1, idle 37.3 with 2 and 32.0 with 1 (AMD EPYC, issue 17). OpenMP's passive
+    waiting is no cure: 26.8 beside the neighbour and 20.8 idle with 2 threads.
+    """
+
+    cpus: frozenset[int]
+    ceiling: int
+    workers: int
+    looked_at: float  # time.monotonic() of the last look
+    busy: float  # busy_cpu_seconds(cpus) then
+    own: float  # own_cpu_seconds() then
+
+    @classmethod
+    def start(cls, plan: ThreadPlan) -> LoadFollower | None:
+        """A follower of `plan`'s threads from now; None where the cores' load cannot be read."""
+        cpus = frozenset(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity")
+                         else range(os.cpu_count() or 1))
+        busy = busy_cpu_seconds(cpus)
+        if busy is None:
+            return None
+        return cls(cpus, plan.threads, plan.num_workers, time.monotonic(), busy,
+                   own_cpu_seconds())
+
+    def follow(self) -> None:
+        """Set torch's threads from the load since the last look, if LOAD_PERIOD_S has passed."""
+        now = time.monotonic()
+        if now - self.looked_at < LOAD_PERIOD_S:
+            return
+        busy, own = busy_cpu_seconds(self.cpus), own_cpu_seconds()
+        if busy is None:
+            return
+        others = max(0.0, (busy - self.busy) - (own - self.own)) / (now - self.looked_at)
+        threads = free_core_threads(len(self.cpus), others, self.ceiling, self.workers)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        self.looked_at, self.busy, self.own = now, busy, own
+
+
+def follow_load() -> None:
+    """Between two images of an evaluation: let `eval_threads`' follower, if one is on, set the
+    threads from other processes' load (cheap when it is not yet time to look)."""
+    if _load_follower is not None:
+        _load_follower.follow()

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from zegkit.data.base import SegmentationDataset, display_name
 from zegkit.data.protocols import Protocol
 from zegkit.distributed import all_reduce_sum, rank_and_world
+from zegkit.hardware import follow_load
 from zegkit.inference import BACKGROUND_NAME
 
 # (image uint8 (3, H, W), image name, vocabulary [background, class]) -> labels (H, W), 1 = the
@@ -179,6 +180,7 @@ def evaluate_episodes(predict: EpisodePredict, dataset: SegmentationDataset, pro
             labels = predict(image, name, [background, dataset.class_names[episode.label]])
             counts[row[episode.label]] += episode_counts(labels == 1, mask, episode.label,
                                                          dataset.ignore_index)
+            follow_load()
     counts = all_reduce_sum(counts)
     names = [display_name(dataset.class_names[c]) for c in classes]
     return {**episode_metrics(counts, names), "protocol": protocol.name,

@@ -32,7 +32,7 @@ from zegkit.evaluate.checkpoint import (
 )
 from zegkit.evaluate.metrics import confusion_matrix, metrics
 from zegkit.evaluate.report import run_record
-from zegkit.hardware import usable_cores
+from zegkit.hardware import follow_load, usable_cores
 
 
 class _Indexed(Dataset):
@@ -191,6 +191,7 @@ def evaluate(
             model_start = time.perf_counter()
             labels = _predict(segmenter, image)
             clock.model += time.perf_counter() - model_start
+            follow_load()
             tally.add(index, confusion_matrix(labels, mask, dataset.num_classes,
                                               dataset.ignore_index))
             since_save += 1
