@@ -251,6 +251,46 @@ def test_chunked_decision_equals_the_full_one(monkeypatch):
                                    atol=1e-6, rtol=0)
 
 
+def _colour_scores(prototypes):
+    """A method scoring each patch by closeness of its mean colour to each prototype colour
+    (R x 3): on a picture of flat regions, a few rows lead by far everywhere."""
+
+    def scores(crops):
+        cells = F.avg_pool2d(crops, 16)  # (B, 3, h, w)
+        return -10 * (cells[:, None] - prototypes[None, :, :, None, None]).square().sum(2)
+
+    return scores
+
+
+@pytest.mark.parametrize("size", [None, (130, 190)])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_rows_that_are_nowhere_best_are_not_expanded(monkeypatch, size, chunk_bytes):
+    """Per run of lines only the rows that can be best there are expanded; the labels stay
+    those of the argmax over every row at every pixel (also resized, also a row at a time)."""
+    corners = torch.tensor([[(i >> b) & 1 for b in range(3)] for i in range(8)], dtype=torch.float)
+    prototypes = torch.cat([corners, torch.tensor([[0.5, 0.5, 0.5], [0.5, 0, 0], [0, 0.5, 0],
+                                                   [0, 0, 0.5]])])  # 12 distinct colours
+    pixels = torch.zeros(2, 3, 96, 160)
+    pixels[:, :, :50, :70] = prototypes[2, :, None, None]  # four flat regions, then noise
+    pixels[:, :, :50, 70:] = prototypes[7, :, None, None]
+    pixels[:, :, 50:, :] = prototypes[[4, 9], :, None, None]
+    pixels += 0.02 * torch.randn(pixels.shape, generator=torch.Generator().manual_seed(1))
+    config = InferenceConfig(crop=64, stride=40, crop_batch=5)
+    stitched = sliding_scores(_colour_scores(prototypes), pixels, config)
+    if size is not None:
+        stitched = stitched.resized(size)
+    if chunk_bytes is not None:
+        monkeypatch.setattr(inference, "DECISION_CHUNK_BYTES", chunk_bytes)
+    values = stitched.values()
+    best = values.argmax(1)  # (B, H, W)
+    contending = stitched.contenders()  # (runs of lines, R)
+    assert contending.float().mean() < 0.5  # most rows are skipped
+    for (lines, _), rows in zip(stitched._bands, contending, strict=True):
+        assert rows[best[:, lines]].all()  # every pixel's best row contends in its band
+    decision = decide_stitched(stitched, Activation("softmax", 10.0), torch.arange(12))
+    assert torch.equal(decision.labels, best)
+
+
 @pytest.fixture(scope="module")
 def tiny_backbone(tiny_tokenizer):
     return ClipBackbone(make_tiny_clip(16), tiny_tokenizer, "tiny")

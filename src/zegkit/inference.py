@@ -29,10 +29,13 @@ MODES = ("slide", "whole")
 BACKGROUND_NAME = "background"
 UINT8_MAX = 255
 
-# Bytes of full-resolution scores the class decision expands at once: every class of a band of
-# lines of an unresized image, one class of a 12-MP photo (`decide_stitched`).
+# Bytes of full-resolution scores the class decision expands at once: the rows of one band of
+# lines (`StitchedScores.blocks`), as many as fit (`decide_stitched`).
 DECISION_CHUNK_BYTES = 64 * 2**20
 FLOAT32_BYTES = 4
+# Scores within this fraction of the largest score's magnitude of beating a row still contend
+# with it (`StitchedScores.contenders`): float rounding of the expanded scores stays far below.
+CONTENDER_SLACK = 1e-5
 
 CropScores = Callable[[Tensor], Tensor]
 
@@ -167,101 +170,112 @@ def sliding_crops(padded: Tensor, config: InferenceConfig) -> tuple[Tensor, list
 @dataclass(frozen=True)
 class StitchedScores:
     """A batch's dense scores at full resolution, kept factored so that no (R, H, W) tensor is
-    needed until asked for: the score of row r at pixel (y, x) of the stitched image is
-    ``along_y[y] @ grid[:, r] @ along_x[x]``, then resized to `size`.
+    needed until asked for: the score of row r at pixel (y, x) is
+    ``along_y[y] @ grid[:, r] @ along_x[x]``.
 
-    Stitching, averaging and cropping are linear and act on the two image axes separately, so
-    the windows' scores are kept side by side at their own (patch) resolution in `grid` and each
-    axis's chain of those steps is one matrix. The final resize to the input image (up to
-    12 MP and more) stays a `resize`, whose 2-4 taps per pixel cost less than a dense matrix.
-    `values` expands any rows to pixels; `blocks` does it a band of lines at a time, which is
-    how the class decision (`decide_stitched`) reads them.
+    Stitching, averaging, cropping and resizing are linear and act on the two image axes
+    separately, so the windows' scores are kept side by side at their own (patch) resolution in
+    `grid` and each axis's chain of those steps is one matrix. A pixel mixes a few cells, so
+    runs of lines that mix the same grid lines (`_bands`) are expanded one at a time: `blocks`
+    yields them, `values` joins them, and the class decision (`decide_stitched`) reads them.
 
     Attributes:
         grid: B x R x gh x gw float32: window (i, j)'s scores (R, h, w) fill block (i, j).
-        along_y: h' x gh float32, how each row of the stitched image mixes the grid's rows:
-            non-negative weights summing to 1 per row (a weighted mean, as every step is).
-        along_x: w' x gw float32, the same for columns.
-        size: (H, W) the stitched image is resized to; None: (h', w') as it is.
+        along_y: H x gh float32, how each line of the image mixes the grid's lines:
+            non-negative weights summing to 1 per line (a weighted mean, as every step is).
+        along_x: W x gw float32, the same for columns.
     """
 
     grid: Tensor
     along_y: Tensor
     along_x: Tensor
-    size: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(B, R, H, W) of the full-resolution scores."""
-        size = self.size or (self.along_y.shape[0], self.along_x.shape[0])
-        return (*self.grid.shape[:2], *size)
+        return (*self.grid.shape[:2], self.along_y.shape[0], self.along_x.shape[0])
 
     def values(self, rows: slice = slice(None)) -> Tensor:
         """The scores of `rows` at full resolution, B x r x H x W float32."""
-        with torch.autocast(self.grid.device.type, enabled=False):
-            stitched = self.along_y @ (self.grid[:, rows] @ self.along_x.T)
-        return stitched if self.size is None else resize(stitched, self.size)
+        lines = torch.cat([block for _, block in self.blocks(rows)], dim=1)  # (B, H, W, r)
+        return lines.permute(0, 3, 1, 2).contiguous()
 
-    def blocks(self, rows: slice = slice(None)) -> Iterator[tuple[slice, Tensor]]:
-        """The scores of `rows` at full resolution as (lines, block) for runs of image lines
-        that cover H, each block B x n x W x r (rows last, contiguous): reductions over the
-        rows then run along memory, on a block small enough to stay in cache.
+    def blocks(self, rows: slice | Tensor = slice(None)) -> Iterator[tuple[slice, Tensor]]:
+        """The scores of `rows` (a slice or indices) at full resolution as (lines, block) for
+        runs of image lines that cover H, each block B x n x W x r (rows last, contiguous):
+        reductions over the rows then run along memory, on a block small enough to stay in
+        cache. A run of lines mixes the same few grid lines (`_bands`), so each block costs a
+        product over those alone."""
+        for lines, block, _ in self._line_blocks(rows):
+            yield lines, block
 
-        Unresized, a run of lines mixes the same few grid lines (`_bands`), so each block
-        costs a product over those alone; resized, the whole image is one block, resized in
-        that layout (channels-last for `resize`, 1.6-2.4x faster than resizing and permuting).
-        """
-        if self.size is None:
-            yield from self._line_blocks(rows)
-            return
-        stitched = torch.cat([block for _, block in self._line_blocks(rows)], dim=1)
-        resized = resize(stitched.permute(0, 3, 1, 2), self.size)  # channels-last in and out
-        yield slice(0, self.size[0]), resized.permute(0, 2, 3, 1)
+    def contending_blocks(self, step: int) -> Iterator[tuple[slice, Tensor, Tensor]]:
+        """`blocks` of only the rows that can be best somewhere in them (`contenders`), at
+        most `step` rows at a time: (lines, block B x n x W x r, the block's r row indices)."""
+        contending = self.contenders()  # (bands, R)
+        for chunk in contending.any(0).nonzero()[:, 0].split(step):
+            for lines, block, kept in self._line_blocks(chunk, contending[:, chunk]):
+                yield lines, block, chunk if kept is None else chunk[kept]
 
-    def _line_blocks(self, rows: slice) -> Iterator[tuple[slice, Tensor]]:
-        """`blocks` of the stitched image before the final resize, one per band of lines."""
+    def _line_blocks(self, rows: slice | Tensor, contending: Tensor | None = None
+                     ) -> Iterator[tuple[slice, Tensor, Tensor | None]]:
+        """`blocks`, and which of `rows` each holds: all (None), or a band's rows marked in
+        `contending` (bands x r bool), given as positions in `rows`."""
         batch, _, lines, _ = self.grid.shape
         width, count = self.along_x.shape[0], self.grid[:, rows].shape[1]
         with torch.autocast(self.grid.device.type, enabled=False):
             across = self.grid[:, rows] @ self.along_x.T  # (B, r, gh, W)
             across = across.permute(0, 2, 3, 1).reshape(batch, lines, -1)  # (B, gh, W * r)
-        for band, cells in self._bands:
+        for index, (band, cells) in enumerate(self._bands):
+            part, kept = across[:, cells], None
+            if contending is not None and not contending[index].all():
+                kept = contending[index].nonzero()[:, 0]
+                if not len(kept):  # none of these rows is best anywhere in this band
+                    continue
+                part = part.view(batch, -1, width, count)[..., kept].flatten(2)
             with torch.autocast(self.grid.device.type, enabled=False):
-                block = self.along_y[band, cells] @ across[:, cells]  # (B, n, W * r)
-            yield band, block.view(batch, -1, width, count)
+                block = self.along_y[band, cells] @ part  # (B, n, W * r')
+            yield band, block.view(batch, -1, width, block.shape[-1] // width), kept
 
     @property
     def block_lines(self) -> int:
         """The most image lines one of `blocks`' blocks holds."""
-        if self.size is not None:
-            return self.size[0]
         return max(band.stop - band.start for band, _ in self._bands)
 
     @cached_property
     def _bands(self) -> list[tuple[slice, slice]]:
-        """Runs of consecutive rows of `along_y` with the same span of non-zero columns
-        (lines, cells): a window's line mixes two of its cells, so a dense product would
-        multiply mostly zeros."""
-        nonzero = self.along_y != 0
-        first = nonzero.int().argmax(dim=1).tolist()
-        last = (nonzero.shape[1] - nonzero.flip(1).int().argmax(dim=1)).tolist()
-        bands, start = [], 0
-        for line in range(1, len(first) + 1):
-            if line == len(first) or (first[line], last[line]) != (first[start], last[start]):
-                bands.append((slice(start, line), slice(first[start], last[start])))
-                start = line
-        return bands
+        """Runs of lines that mix the same span of grid lines (lines, cells): a line mixes a
+        few cells of a window or two, so a dense product would multiply mostly zeros."""
+        return _runs(self.along_y)
+
+    def contenders(self) -> Tensor:
+        """(bands, R) bool: the rows that can be some pixel's best in each of `_bands`, found
+        without expanding any. Pixels that mix the same span of grid cells form a tile, each
+        pixel a weighted mean of those cells with non-negative weights, so a row whose maximum
+        over a tile's cells is below another row's minimum over them is nowhere best in that
+        tile. Rows within float rounding of that bound are kept."""
+        # reductions over leading dimensions run along memory: grid as (gw, gh, B, R), then
+        # each run of columns' extremes as (gh, runs, B, R)
+        cells = self.grid.permute(3, 2, 0, 1).contiguous()
+        columns = [span for _, span in _runs(self.along_x)]
+        highest = torch.stack([cells[span].amax(0) for span in columns], 1)
+        lowest = torch.stack([cells[span].amin(0) for span in columns], 1)
+        slack = CONTENDER_SLACK * float(self.grid.abs().max())
+        contending = []
+        for _, span in self._bands:  # the tiles (runs, B, R) of one band of lines
+            top = highest[span].amax(0)
+            bar = lowest[span].amin(0).amax(-1, keepdim=True)  # the best row's minimum
+            contending.append((top >= bar - slack).flatten(0, 1).any(0))
+        return torch.stack(contending)
 
     def resized(self, size: tuple[int, int]) -> StitchedScores:
-        """The same scores as `resize(self.values(), size)` gives them.
-
-        Raises:
-            ValueError: already resized (two bilinear resizes are not one).
-        """
-        if self.size is not None:
-            raise ValueError(f"These scores are already resized to {self.size}.")
-        unchanged = tuple(size) == tuple(self.shape[-2:])
-        return self if unchanged else replace(self, size=tuple(size))
+        """The same scores as `resize(self.values(), size)` gives them, the resize folded into
+        the axis matrices."""
+        if tuple(size) == tuple(self.shape[-2:]):
+            return self
+        resize_y, resize_x = resize_matrices(self.shape[-2:], size)
+        return replace(self, along_y=resize_y.to(self.along_y.device) @ self.along_y,
+                       along_x=resize_x.to(self.along_x.device) @ self.along_x)
 
 
 def resize_matrices(size: tuple[int, int], new_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -281,6 +295,20 @@ def _axis_matrix(length: int, new_length: int, antialias: bool) -> Tensor:
     resized = F.interpolate(one_hots, size=(1, new_length), mode="bilinear",
                             align_corners=False, antialias=antialias)
     return resized[0, :, 0, :].T
+
+
+def _runs(matrix: Tensor) -> list[tuple[slice, slice]]:
+    """Runs of consecutive rows of `matrix` with the same span of non-zero columns, as
+    (rows, columns) slices."""
+    nonzero = matrix != 0
+    first = nonzero.int().argmax(dim=1).tolist()
+    last = (nonzero.shape[1] - nonzero.flip(1).int().argmax(dim=1)).tolist()
+    runs, start = [], 0
+    for row in range(1, len(first) + 1):
+        if row == len(first) or (first[row], last[row]) != (first[start], last[start]):
+            runs.append((slice(start, row), slice(first[start], last[start])))
+            start = row
+    return runs
 
 
 def _window_matrix(starts: Sequence[int], length: int, crop: int, cells: int) -> Tensor:
@@ -386,11 +414,13 @@ def decide_stitched(
 ) -> Decision:
     """`decide_labels(class_probabilities(...))` of stitched scores without holding them.
 
-    The rows are expanded to pixels a block of lines and a run of classes at a time
+    The rows are expanded to pixels a block of lines and a run of rows at a time
     (`StitchedScores.blocks`, DECISION_CHUNK_BYTES) and folded into running (B, H, W) maps:
     the labels are the class of each pixel's best row
     (every activation is increasing in the score, so the best row is the most probable; ties
-    go to the first row, as an argmax does). A softmax's normaliser, needed only for the
+    go to the first row, as an argmax does). When nothing but the best row counts (no means,
+    no softmax threshold), only the rows that can be best somewhere are expanded
+    (`StitchedScores.contenders`). A softmax's normaliser, needed only for the
     background threshold and the means, is summed in the same pass, shifted by an upper bound
     of each pixel's best score (`_best_score_bound`) so no exponential overflows; the means
     take a second pass. Equal to the full computation up to float rounding.
@@ -405,25 +435,24 @@ def decide_stitched(
     Raises:
         ValueError: a threshold without a background index.
     """
-    starts = _class_starts(row_classes.cpu())
-    chunks = _class_chunks(starts, stitched)
     joint = activation.kind == "softmax" and (background_threshold is not None or means)
+    prune = not (joint or means)  # only each pixel's best row counts
     shift = activation.scale * _best_score_bound(stitched) if joint else None
     batch, _, height, width = stitched.shape
     best = stitched.grid.new_full((batch, height, width), float("-inf"))
     best_row = torch.zeros(best.shape, dtype=torch.long, device=best.device)
     total = torch.zeros_like(best) if joint else None
-    for classes in chunks:
-        rows = slice(starts[classes.start], starts[classes.stop])
-        for lines, block in stitched.blocks(rows):  # (B, n, W, r)
-            block_best, block_row = block.max(dim=-1)
-            better = block_best > best[:, lines]  # ties keep the earlier row, as argmax does
-            kept_row = best_row[:, lines]
-            torch.where(better, block_row.add_(rows.start), kept_row, out=kept_row)
-            torch.maximum(best[:, lines], block_best, out=best[:, lines])
-            if joint:
-                exponents = activation.scale * block - shift[:, lines, :, None]
-                total[:, lines] += exponents.clamp_min_(EXP_FLOOR).exp_().sum(dim=-1)
+    step = _rows_per_block(stitched)
+    blocks = stitched.contending_blocks(step) if prune else _every_block(stitched, step)
+    for lines, block, rows in blocks:  # (B, n, W, r) and the r rows' indices
+        block_best, block_row = block.max(dim=-1)
+        better = block_best > best[:, lines]  # ties keep the earlier row, as argmax does
+        kept_row = best_row[:, lines]
+        torch.where(better, rows[block_row], kept_row, out=kept_row)
+        torch.maximum(best[:, lines], block_best, out=best[:, lines])
+        if joint:
+            exponents = activation.scale * block - shift[:, lines, :, None]
+            total[:, lines] += exponents.clamp_min_(EXP_FLOOR).exp_().sum(dim=-1)
     log_normalizer = shift + total.log() if joint else None
     labels = row_classes.to(best_row.device)[best_row]
     if background_threshold is not None:
@@ -431,8 +460,9 @@ def decide_stitched(
         labels = _threshold(labels, confidence, background_threshold, background)
     if not means:
         return Decision(labels)
-    return Decision(labels, _class_means(stitched, activation, row_classes.cpu(), starts, chunks,
-                                          log_normalizer))
+    starts = _class_starts(row_classes.cpu())
+    return Decision(labels, _class_means(stitched, activation, row_classes.cpu(), starts,
+                                          _class_chunks(starts, stitched), log_normalizer))
 
 
 def _class_means(stitched: StitchedScores, activation: Activation, row_classes: Tensor,
@@ -481,9 +511,7 @@ def _class_starts(row_classes: Tensor) -> list[int]:
 def _class_chunks(starts: list[int], stitched: StitchedScores) -> list[slice]:
     """Runs of whole classes (slices of class indices) whose rows in one of `stitched.blocks`'
     blocks (B x n x W x r float32) fit DECISION_CHUNK_BYTES; one class at least."""
-    batch, _, _, width = stitched.shape
-    lines = stitched.block_lines
-    budget = max(1, DECISION_CHUNK_BYTES // (batch * lines * width * FLOAT32_BYTES))
+    budget = _rows_per_block(stitched)
     chunks, first = [], 0
     for last in range(1, len(starts) - 1):  # does class `last` still fit the run from `first`?
         if starts[last + 1] - starts[first] > budget:
@@ -491,6 +519,22 @@ def _class_chunks(starts: list[int], stitched: StitchedScores) -> list[slice]:
             first = last
     chunks.append(slice(first, len(starts) - 1))
     return chunks
+
+
+def _every_block(stitched: StitchedScores, step: int) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """`stitched.blocks` of all rows, `step` at a time, as `contending_blocks` gives them."""
+    count = stitched.shape[1]
+    for first in range(0, count, step):
+        rows = slice(first, min(first + step, count))
+        indices = torch.arange(rows.start, rows.stop, device=stitched.grid.device)
+        yield from ((lines, block, indices) for lines, block in stitched.blocks(rows))
+
+
+def _rows_per_block(stitched: StitchedScores) -> int:
+    """How many rows one of `stitched.blocks`' blocks (B x n x W x r float32) may hold within
+    DECISION_CHUNK_BYTES; 1 at least."""
+    batch, _, _, width = stitched.shape
+    return max(1, DECISION_CHUNK_BYTES // (batch * stitched.block_lines * width * FLOAT32_BYTES))
 
 
 def background_class(classes: Sequence[Sequence[str]]) -> int:

@@ -8,7 +8,8 @@ and the overlay are made at the input's full resolution whatever --short-side sa
 large image that part dominates, and only a smaller image (or more memory) helps. A request is
 refused only when even this bound exceeds what is available; one that passes may still need
 about twice the bound (a 16-MP greyscale PNG through the shipped model, SCLIP, fp32: the bound
-is 44 bytes per pixel, the measured peak 90 bytes per pixel above the loaded model).
+is 28 bytes per pixel, the measured peak 50 bytes per pixel above the loaded model; 90 before
+the decision read a resized image a band of lines at a time).
 """
 
 from __future__ import annotations
@@ -23,12 +24,9 @@ FLOAT32_BYTES, INT64_BYTES = 4, 8
 # Per input pixel, what the label path holds at once (one image):
 DECODED_BYTES = 4 + 3 * FLOAT32_BYTES  # the RGB image (Pillow keeps 4 bytes a pixel), (3, H, W)
 RUNNING_BYTES = FLOAT32_BYTES + INT64_BYTES  # each pixel's best score so far and its row
-# A resized image's scores come a run of classes at a time for the whole image
-# (`zegkit.inference.StitchedScores.blocks`): one class's scores, their max and argmax (int64).
-BLOCK_BYTES = FLOAT32_BYTES + FLOAT32_BYTES + INT64_BYTES
 # Refiners need every class at full resolution: the scores and their probabilities, per class.
 REFINED_BYTES_PER_CLASS = 2 * FLOAT32_BYTES
-# The measured peak over this least need (see the module doc: 90 / 44 bytes per pixel), for
+# The measured peak over this least need (see the module doc: 50 / 28 bytes per pixel), for
 # suggesting an image size that fits in practice.
 TYPICAL_PEAK_FACTOR = 2
 MEMINFO = Path("/proc/meminfo")
@@ -61,9 +59,8 @@ def segment_need(height: int, width: int, config: InferenceConfig, num_classes: 
     `config` and `num_classes` classes, beyond the model's weights."""
     pixels = height * width
     resized_h, resized_w = resized_size(height, width, config.short_side)
-    refining = config.refine != "none"  # then the decision reads full probabilities, no blocks
-    blocks = not refining and (resized_h, resized_w) != (height, width)
-    full = (DECODED_BYTES + RUNNING_BYTES + (BLOCK_BYTES if blocks else 0)) * pixels
+    refining = config.refine != "none"  # then the decision reads full probabilities
+    full = (DECODED_BYTES + RUNNING_BYTES) * pixels  # scores come a band of lines at a time
     refined = REFINED_BYTES_PER_CLASS * num_classes * pixels if refining else 0
     resized = 3 * FLOAT32_BYTES * resized_h * resized_w
     if config.mode == "slide":  # every crop of the image is cut out at once
