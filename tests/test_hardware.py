@@ -136,17 +136,14 @@ def test_busy_seconds_of_the_given_cores_from_proc_stat(tmp_path):
 
 @pytest.mark.skipif(not hardware.PROC.joinpath("self", "task").is_dir(), reason="needs /proc")
 def test_own_cpu_seconds_count_a_live_child_process():
-    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 0.6\n"
-                              "while time.time() < end: pass\ninput()"],
-                             stdin=subprocess.PIPE)
+    busy = ("import time\nwhile time.process_time() < 0.5: pass\n"
+            "print('busy', flush=True)\ninput()")  # then alive, idle, until told to end
+    before = hardware.own_cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", busy], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
     try:
-        before = hardware.own_cpu_seconds()
-        child_cpu = 0.0
-        while child_cpu < 0.3:  # the child's own account of its busy loop so far
-            stat = hardware.PROC.joinpath(str(child.pid), "stat").read_text()
-            fields = stat.rsplit(")", 1)[1].split()[hardware.CHILD_CPU_FIELDS]
-            child_cpu = sum(map(int, fields)) / hardware.os.sysconf("SC_CLK_TCK")
-        assert hardware.own_cpu_seconds() - before >= 0.2
+        assert child.stdout.readline() == "busy\n"
+        assert hardware.own_cpu_seconds() - before >= 0.45  # in 10-ms ticks
     finally:
         child.kill()
         child.wait()
