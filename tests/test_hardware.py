@@ -100,14 +100,14 @@ def test_eval_threads_set_torch_unless_the_environment_did(monkeypatch):
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     torch.set_num_threads(3)
-    with hardware.eval_threads(num_workers=1) as plan:
+    with hardware.planned_threads(num_workers=1) as plan:
         assert (plan.threads, plan.num_workers) == (2, 1) and torch.get_num_threads() == 2
         assert plan.threads_from in ("usable cores", hardware.FOLLOWING_LOAD)
     assert torch.get_num_threads() == 3  # restored on exit
-    with hardware.eval_threads(num_workers=0, threads=1):
+    with hardware.planned_threads(num_workers=0, threads=1):
         assert torch.get_num_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torch applied it at start; 3 stands for that
-    with hardware.eval_threads() as plan:
+    with hardware.planned_threads() as plan:
         assert plan.threads_from == "OMP_NUM_THREADS" and torch.get_num_threads() == 3
 
 
@@ -183,12 +183,12 @@ def test_threads_follow_a_neighbour_that_comes_and_goes(monkeypatch):
 def test_only_threads_the_policy_chose_follow_the_load(monkeypatch):
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    with hardware.eval_threads(num_workers=0) as plan:
+    with hardware.planned_threads(num_workers=0) as plan:
         following = hardware._load_follower is not None
         assert following == (plan.threads_from == hardware.FOLLOWING_LOAD)
         assert following or not hardware.PROC.joinpath("stat").exists()
     assert hardware._load_follower is None  # off after the evaluation
-    with hardware.eval_threads(num_workers=0, threads=1) as plan:
+    with hardware.planned_threads(num_workers=0, threads=1) as plan:
         assert hardware._load_follower is None and plan.threads_from == "threads argument"
 
 

@@ -409,7 +409,10 @@ def check_memory(args: argparse.Namespace, sizes: dict[Path, tuple[int, int]],
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    """Check everything that can be checked, load the model, segment each image."""
+    """Check everything that can be checked, load the model, segment each image (torch's
+    threads on the usable cores, following other processes' load: `planned_threads`)."""
+    from zegkit.hardware import planned_threads
+
     classes = read_classes(args)
     check_output_folder(args.out, "--out")
     paths = expand_inputs(args.inputs)
@@ -424,9 +427,10 @@ def run_segment(args: argparse.Namespace) -> int:
         print(f"Skipping {len(images) - len(todo)} image(s) whose outputs exist in {args.out}")
         images = todo
     check_memory(args, {path: sizes[path] for path in images}, classes)
-    segmenter = build_segmenter(args)
-    segmenter.set_vocabulary(classes)
-    failed = segment_images(segmenter, images, args.out, skip_errors=args.skip_errors)
+    with planned_threads(num_workers=0, device=args.device):
+        segmenter = build_segmenter(args)
+        segmenter.set_vocabulary(classes)
+        failed = segment_images(segmenter, images, args.out, skip_errors=args.skip_errors)
     print(f"Segmented {len(images) - len(failed)} image(s) into {args.out}")
     skipped += failed
     if skipped:
@@ -449,6 +453,7 @@ def segment_images(segmenter, images: Sequence[Path], out: Path, *, skip_errors:
     """
     from tqdm import tqdm
 
+    from zegkit.hardware import follow_load
     from zegkit.io import load_image
 
     skipped: list[tuple[Path, str]] = []
@@ -469,6 +474,7 @@ def segment_images(segmenter, images: Sequence[Path], out: Path, *, skip_errors:
                     continue
                 written = segmenter.segment(image).save(out, path.stem, image)
                 saved += 1
+                follow_load()
                 if len(images) < 2:
                     print("\n".join(str(p) for p in written.values()))
     except KeyboardInterrupt:
@@ -539,7 +545,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     from zegkit.data.protocols import fold_protocols
     from zegkit.distributed import init_distributed
-    from zegkit.hardware import check_device, eval_threads
+    from zegkit.hardware import check_device, planned_threads
 
     output = args.output or Path("results") / f"{args.dataset}_{args.method}.json"
     check_output_file(output, "--output")
@@ -548,7 +554,7 @@ def run_eval(args: argparse.Namespace) -> None:
     check_device(args.device)
     context = init_distributed(args.device)
     episodes = args.protocol is not None and fold_protocols(args.protocol)  # no image loader
-    with eval_threads(0 if episodes else args.num_workers, args.threads,
+    with planned_threads(0 if episodes else args.num_workers, args.threads,
                       context.device) as plan:
         _evaluate(args, output, context, plan)
 

@@ -291,7 +291,7 @@ def eval_thread_plan(cores: int, *, num_workers: int | None = None, threads: int
 
     Policy: `default_eval_workers(cores, device)` workers, and the cores they leave to torch's
     intra-op threads (at least 1), so the model's threads and the workers do not compete for
-    cores; `eval_threads` then lowers them to the cores other processes leave free
+    cores; `planned_threads` then lowers them to the cores other processes leave free
     (`LoadFollower`).
 
     Args:
@@ -322,14 +322,14 @@ def _positive_int(text: str) -> int | None:
 
 
 @contextmanager
-def eval_threads(num_workers: int | None = None, threads: int | None = None,
-                 device: str | torch.device = "cpu") -> Iterator[ThreadPlan]:
+def planned_threads(num_workers: int | None = None, threads: int | None = None,
+                    device: str | torch.device = "cpu") -> Iterator[ThreadPlan]:
     """Run inside with `eval_thread_plan`'s threads: torch.set_num_threads on entry, unless the
     count comes from the environment (torch read it at start), and torch's count restored on
     exit. Threads the policy chose (no `threads`, no environment variable) then follow other
-    processes' load: the evaluation loops call `follow_load` between images (`LoadFollower`).
-    For the caller that owns the process's threads (`zegkit eval`); outside this context
-    `zegkit.evaluate.evaluate` leaves them as they are.
+    processes' load: the evaluation loops and `zegkit segment` call `follow_load` between
+    images (`LoadFollower`). For the caller that owns the process's threads (`zegkit eval`,
+    `zegkit segment`); outside this context `zegkit.evaluate.evaluate` leaves them as they are.
 
     Args:
         num_workers, threads, device: as in `eval_thread_plan`.
@@ -448,7 +448,7 @@ class LoadFollower:
 
 
 def follow_load() -> None:
-    """Between two images of an evaluation: let `eval_threads`' follower, if one is on, set the
-    threads from other processes' load (cheap when it is not yet time to look)."""
+    """Between two images: let `planned_threads`' follower, if one is on, set the threads from
+    other processes' load (cheap when it is not yet time to look)."""
     if _load_follower is not None:
         _load_follower.follow()

@@ -135,7 +135,7 @@ def evaluate(
         num_workers: DataLoader worker processes decoding images ahead of the model (0: decode
             in this process, `zegkit.hardware.default_eval_workers` for a model on the CPU).
             torch runs each worker on one thread; the model's threads are the caller's
-            (`zegkit eval` sets them with `zegkit.hardware.eval_threads`).
+            (`zegkit eval` sets them with `zegkit.hardware.planned_threads`).
         settings: what produced the result (method, model, protocol, ...); recorded with it and
             part of the checkpoint fingerprint.
         seen: seen class indices (default: the dataset's).
