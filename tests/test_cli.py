@@ -56,6 +56,21 @@ def test_segment_writes_three_outputs(tiny_clip_dir, photo, tmp_path):
     ]  # no temp files left
 
 
+def test_segment_follows_the_load_between_images(tiny_clip_dir, photo, tmp_path,
+                                                   monkeypatch):
+    from zegkit import hardware
+
+    looks = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(hardware.LoadFollower, "follow", lambda self: looks.append(self))
+    second = _write(tmp_path / "second.png", np.zeros((60, 80, 3), dtype=np.uint8))
+    assert _segment(tiny_clip_dir, tmp_path / "out", photo, second) == 0
+    following = hardware.PROC.joinpath("stat").exists()
+    assert len(looks) == (2 if following else 0)  # one look after each image
+    assert hardware._load_follower is None  # off once the command is done
+
+
 def test_compile_flag_reaches_the_segmenter_and_the_record(tiny_clip_dir, photo, tmp_path,
                                                           monkeypatch):
     import zegkit.segmenter
