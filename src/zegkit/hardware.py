@@ -230,14 +230,19 @@ def _quota(quota: str, period: str) -> float | None:
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
-def usable_cores() -> int:
-    """The cores this process may keep busy: its CPU affinity (`os.sched_getaffinity`, where the
-    OS has it, else `os.cpu_count()`), capped by a cgroup CPU quota rounded down (threads beyond
-    the quota are throttled), at least 1. torch's default thread count ignores both."""
+def affinity_cpus() -> frozenset[int]:
+    """The CPUs this process may run on: its affinity (`os.sched_getaffinity`, where the OS has
+    it), else all of `os.cpu_count()`."""
     if hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))
-    else:
-        cores = os.cpu_count() or 1
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    """The cores this process may keep busy: its CPU affinity (`affinity_cpus`), capped by a
+    cgroup CPU quota rounded down (threads beyond the quota are throttled), at least 1.
+    torch's default thread count ignores both."""
+    cores = len(affinity_cpus())
     limit = cgroup_cpu_limit()
     if limit is not None:
         cores = min(cores, math.floor(limit))
@@ -424,8 +429,7 @@ class LoadFollower:
     @classmethod
     def start(cls, plan: ThreadPlan) -> LoadFollower | None:
         """A follower of `plan`'s threads from now; None where the cores' load cannot be read."""
-        cpus = frozenset(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity")
-                         else range(os.cpu_count() or 1))
+        cpus = affinity_cpus()
         busy = busy_cpu_seconds(cpus)
         if busy is None:
             return None
