@@ -196,9 +196,14 @@ class StitchedScores:
         return (*self.grid.shape[:2], self.along_y.shape[0], self.along_x.shape[0])
 
     def values(self, rows: slice = slice(None)) -> Tensor:
-        """The scores of `rows` at full resolution, B x r x H x W float32."""
-        lines = torch.cat([block for _, block in self.blocks(rows)], dim=1)  # (B, H, W, r)
-        return lines.permute(0, 3, 1, 2).contiguous()
+        """The scores of `rows` at full resolution, B x r x H x W float32, filled a band of
+        lines at a time (no second full-size copy)."""
+        batch, _, height, width = self.shape
+        count = self.grid[:, rows].shape[1]
+        scores = self.grid.new_empty(batch, count, height, width)
+        for lines, block in self.blocks(rows):
+            scores[:, :, lines] = block.permute(0, 3, 1, 2)
+        return scores
 
     def blocks(self, rows: slice | Tensor = slice(None)) -> Iterator[tuple[slice, Tensor]]:
         """The scores of `rows` (a slice or indices) at full resolution as (lines, block) for
@@ -222,9 +227,10 @@ class StitchedScores:
         """`blocks`, and which of `rows` each holds: all (None), or a band's rows marked in
         `contending` (bands x r bool), given as positions in `rows`."""
         batch, _, lines, _ = self.grid.shape
-        width, count = self.along_x.shape[0], self.grid[:, rows].shape[1]
+        selected = self.grid[:, rows]  # one gather when `rows` are indices
+        width, count = self.along_x.shape[0], selected.shape[1]
         with torch.autocast(self.grid.device.type, enabled=False):
-            across = self.grid[:, rows] @ self.along_x.T  # (B, r, gh, W)
+            across = selected @ self.along_x.T  # (B, r, gh, W)
             across = across.permute(0, 2, 3, 1).reshape(batch, lines, -1)  # (B, gh, W * r)
         for index, (band, cells) in enumerate(self._bands):
             part, kept = across[:, cells], None
