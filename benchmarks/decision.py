@@ -1,5 +1,6 @@
-"""Seconds of the class decision alone (`decide_stitched`, labels only, as `predict` runs it) and
-how many rows it expands, on the shipped tiny CLIP's SCLIP scores of synthetic scenes: at the
+"""Seconds of the class decision alone (`decide_stitched`: labels only, as `predict` runs it, and
+with each class's mean probability, as `Segmenter.segment` runs it) and how many rows the first
+expands, on the shipped tiny CLIP's SCLIP scores of synthetic scenes: at the
 stitched size (448 px, the short side) and resized to 600 x 800, with the 20 proving-ground
 classes and with 130 ADE20K names added (150 classes, 258 rows with synonyms).
 
@@ -39,16 +40,19 @@ def vocabularies() -> dict[str, list[str]]:
 
 
 def measure(segmenter: Segmenter, image: torch.Tensor, repeats: int) -> dict:
-    """Median seconds of the labels-only decision over `repeats`, and the expanded fraction."""
+    """Median seconds over `repeats` of the decision without and with the means (alternating),
+    and the fraction of (run of lines, row) pairs the first expands."""
     _, stitched = segmenter._stitched(image)
     rows = row_classes(segmenter.method.rows, stitched.shape[1], segmenter.text)
     activation = segmenter.method.activation()
-    seconds = []
+    seconds = {False: [], True: []}
     for _ in range(repeats):
-        start = time.perf_counter()
-        decide_stitched(stitched, activation, rows)
-        seconds.append(time.perf_counter() - start)
-    return {"rows": stitched.shape[1], "seconds": statistics.median(seconds),
+        for means in seconds:
+            start = time.perf_counter()
+            decide_stitched(stitched, activation, rows, means=means)
+            seconds[means].append(time.perf_counter() - start)
+    return {"rows": stitched.shape[1], "seconds": statistics.median(seconds[False]),
+            "means_seconds": statistics.median(seconds[True]),
             "expanded": float(stitched.contenders().float().mean())}
 
 
@@ -72,7 +76,8 @@ def main() -> None:
                 row = {"vocabulary": label, "scene": seed, "size": list(size),
                        **measure(segmenter, image.float(), args.repeats)}
                 print(f"{label:12s} scene {seed} {size[0]}x{size[1]}: {row['rows']} rows, "
-                      f"{row['seconds'] * 1000:.1f} ms, expanded {row['expanded']:.3f}")
+                      f"{row['seconds'] * 1000:.1f} ms, expanded {row['expanded']:.3f}; "
+                      f"with means {row['means_seconds'] * 1000:.1f} ms")
                 rows.append(row)
     if args.json:
         save_json_atomic({"machine": machine(), "model": MODEL, "method": "sclip",

@@ -217,34 +217,54 @@ def test_stitched_scores_equal_the_full_resolution_canvas(shape, crop, stride):
     expected = _reference_sliding(method, pixels, config)
     torch.testing.assert_close(stitched.values(), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(stitched.values(slice(1, 3)), expected[:, 1:3], atol=1e-5, rtol=0)
-    blocks = list(stitched.blocks(slice(1, 4)))
-    assert [lines.start for lines, _ in blocks[1:]] == [lines.stop for lines, _ in blocks[:-1]]
+    blocks = list(stitched.blocks())
+    assert [lines.start for lines, *_ in blocks[1:]] == [lines.stop for lines, *_ in blocks[:-1]]
     assert len(blocks) > 1 and blocks[-1][0].stop == shape[2]
-    by_lines = torch.cat([block for _, block in blocks], dim=1).permute(0, 3, 1, 2)
-    torch.testing.assert_close(by_lines, expected[:, 1:4], atol=1e-5, rtol=0)
+    assert all(torch.equal(rows, torch.arange(5)) for *_, rows in blocks)
+    by_lines = torch.cat([block for _, block, _ in blocks], dim=1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(by_lines, expected, atol=1e-5, rtol=0)
     resized = stitched.resized((shape[2] * 3 // 2, shape[3] // 2))
     torch.testing.assert_close(resized.values(), resize(expected, resized.shape[-2:]),
                                atol=1e-5, rtol=0)
 
 
-def test_chunked_decision_equals_the_full_one(monkeypatch):
-    """Synonym rows, softmax, a threshold and means: one class per chunk == all at once."""
-    text = _Vocabulary()
-    grid = torch.randn(2, 4, 6, 8)
-    along_y, along_x = torch.rand(30, 6), torch.rand(20, 8)  # weighted means, as stitching's
-    stitched = inference.StitchedScores(grid, along_y / along_y.sum(1, keepdim=True),
-                                        along_x / along_x.sum(1, keepdim=True))
-    activation = Activation("softmax", 10.0)
+class _Synonyms(_Vocabulary):
+    """7 rows of 4 classes with 1, 3, 2 and 1 synonyms: their depth order is not class order."""
+
+    class_index = torch.tensor([0, 1, 1, 1, 2, 2, 3])
+    classifier = torch.zeros(7, 2)
+    num_classes = 4
+
+
+def test_synonym_order_puts_each_depth_of_rows_together():
+    order, widths = inference._synonym_order(torch.tensor([0, 1, 1, 1, 2, 2, 3]))
+    assert order.tolist() == [1, 4, 0, 6, 2, 5, 3] and widths == [4, 2, 1]
+    block = torch.randn(5, 7)
+    top = inference._class_max(block[:, order], widths)  # classes in the order 1, 2, 0, 3
+    expected = torch.stack([block[:, 1:4].amax(1), block[:, 4:6].amax(1), block[:, 0],
+                            block[:, 6]], 1)
+    assert torch.equal(top, expected)
+
+
+@pytest.mark.parametrize("activation", [Activation("softmax", 10.0), Activation("sigmoid", 3.0)])
+def test_chunked_decision_equals_the_full_one(monkeypatch, activation):
+    """Synonym rows, a threshold and means: a line a block == all lines at once == the
+    probabilities at full resolution."""
+    text = _Synonyms()
+    grid = torch.randn(2, 7, 6, 8)
+    stitched = inference.StitchedScores(grid, *resize_matrices((6, 8), (30, 20)))
     probabilities = class_probabilities(DenseScores(stitched.values(), activation), text)
-    rows = row_classes("synonyms", 4, text)
-    whole = decide_stitched(stitched, activation, rows, 0.5, 0, means=True)
+    rows = row_classes("synonyms", 7, text)
+    best = probabilities.amax(1).flatten().sort().values
+    threshold = float(best[len(best) // 2 - 1 : len(best) // 2 + 1].mean())  # bites at half
+    whole = decide_stitched(stitched, activation, rows, threshold, 0, means=True)
     monkeypatch.setattr(inference, "DECISION_CHUNK_BYTES", 1)
-    starts = inference._class_starts(rows)
-    assert starts == [0, 2, 3, 4]
-    assert inference._class_chunks(starts, stitched) == [slice(0, 1), slice(1, 2), slice(2, 3)]
-    chunked = decide_stitched(stitched, activation, rows, 0.5, 0, means=True)
-    expected = decide_labels(probabilities, 0.5, 0)
-    assert (expected == 0).any() and (expected != 0).any()  # the threshold bites somewhere
+    chunked = inference.StitchedScores(stitched.grid, stitched.along_y, stitched.along_x)
+    assert len(chunked._stripes) == len(chunked._bands) > 1  # a band a stripe, a line a block
+    assert all(lines.stop - lines.start == 1 for lines, *_ in chunked.blocks())
+    chunked = decide_stitched(chunked, activation, rows, threshold, 0, means=True)
+    expected = decide_labels(probabilities, threshold, 0)
+    assert (expected == 0).any() and (expected != 0).any()
     for decision in (whole, chunked):
         assert torch.equal(decision.labels, expected)
         torch.testing.assert_close(decision.mean_probabilities, probabilities.mean((2, 3)),

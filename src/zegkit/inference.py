@@ -196,63 +196,74 @@ class StitchedScores:
         return (*self.grid.shape[:2], self.along_y.shape[0], self.along_x.shape[0])
 
     def values(self, rows: slice = slice(None)) -> Tensor:
-        """The scores of `rows` at full resolution, B x r x H x W float32, filled a band of
+        """The scores of `rows` at full resolution, B x r x H x W float32, filled a block of
         lines at a time (no second full-size copy)."""
-        batch, _, height, width = self.shape
-        count = self.grid[:, rows].shape[1]
-        scores = self.grid.new_empty(batch, count, height, width)
-        for lines, block in self.blocks(rows):
+        batch, count, height, width = self.shape
+        chosen = torch.zeros(count, dtype=torch.bool, device=self.grid.device)
+        chosen[rows] = True
+        scores = self.grid.new_empty(batch, int(chosen.sum()), height, width)
+        for lines, block, _ in self.blocks(chosen.expand(len(self._bands), -1)):
             scores[:, :, lines] = block.permute(0, 3, 1, 2)
         return scores
 
-    def blocks(self, rows: slice | Tensor = slice(None)) -> Iterator[tuple[slice, Tensor]]:
-        """The scores of `rows` (a slice or indices) at full resolution as (lines, block) for
-        runs of image lines that cover H, each block B x n x W x r (rows last, contiguous):
-        reductions over the rows then run along memory, on a block small enough to stay in
-        cache. A run of lines mixes the same few grid lines (`_bands`), so each block costs a
-        product over those alone."""
-        for lines, block, _ in self._line_blocks(rows):
-            yield lines, block
+    def blocks(self, rows: Tensor | None = None) -> Iterator[tuple[slice, Tensor, Tensor]]:
+        """The scores at full resolution as (lines, block B x n x W x r, the block's r row
+        indices) for runs of lines that cover H, each block holding every row or those that
+        `rows` (bands x R bool, as `contenders` gives it) marks for the band of its lines.
 
-    def contending_blocks(self, step: int) -> Iterator[tuple[slice, Tensor, Tensor]]:
-        """`blocks` of only the rows that can be best somewhere in them (`contenders`), at
-        most `step` rows at a time: (lines, block B x n x W x r, the block's r row indices)."""
-        contending = self.contenders()  # (bands, R)
-        for chunk in contending.any(0).nonzero()[:, 0].split(step):
-            for lines, block, kept in self._line_blocks(chunk, contending[:, chunk]):
-                yield lines, block, chunk if kept is None else chunk[kept]
-
-    def _line_blocks(self, rows: slice | Tensor, contending: Tensor | None = None
-                     ) -> Iterator[tuple[slice, Tensor, Tensor | None]]:
-        """`blocks`, and which of `rows` each holds: all (None), or a band's rows marked in
-        `contending` (bands x r bool), given as positions in `rows`."""
-        batch, _, lines, _ = self.grid.shape
-        selected = self.grid[:, rows]  # one gather when `rows` are indices
-        width, count = self.along_x.shape[0], selected.shape[1]
-        with torch.autocast(self.grid.device.type, enabled=False):
-            across = selected @ self.along_x.T  # (B, r, gh, W)
-            across = across.permute(0, 2, 3, 1).reshape(batch, lines, -1)  # (B, gh, W * r)
-        for index, (band, cells) in enumerate(self._bands):
-            part, kept = across[:, cells], None
-            if contending is not None and not contending[index].all():
-                kept = contending[index].nonzero()[:, 0]
-                if not len(kept):  # none of these rows is best anywhere in this band
-                    continue
-                part = part.view(batch, -1, width, count)[..., kept].flatten(2)
+        Rows come last and contiguous, so reductions over them run along memory. A block holds
+        at most DECISION_CHUNK_BYTES, or one line. Its lines mix the same few grid lines
+        (`_bands`), so each block costs a product over those alone.
+        """
+        batch, count, _, width = self.shape
+        line_bytes = batch * width * FLOAT32_BYTES
+        every = torch.arange(count, device=self.grid.device)
+        for cells, bands in self._stripes:
+            marked = every if rows is None else rows[bands].any(0).nonzero()[:, 0]
+            selected = self.grid[:, :, cells] if rows is None else self.grid[:, marked, cells]
             with torch.autocast(self.grid.device.type, enabled=False):
-                block = self.along_y[band, cells] @ part  # (B, n, W * r')
-            yield band, block.view(batch, -1, width, block.shape[-1] // width), kept
-
-    @property
-    def block_lines(self) -> int:
-        """The most image lines one of `blocks`' blocks holds."""
-        return max(band.stop - band.start for band, _ in self._bands)
+                across = (selected @ self.along_x.T).permute(0, 2, 3, 1).contiguous()
+            for band in bands:
+                lines, band_cells = self._bands[band]
+                part = across[:, band_cells.start - cells.start : band_cells.stop - cells.start]
+                kept = marked
+                if rows is not None and not rows[band, marked].all():
+                    positions = rows[band, marked].nonzero()[:, 0]
+                    part, kept = part[..., positions], marked[positions]
+                if not len(kept):  # no row is marked for these lines
+                    continue
+                part = part.reshape(batch, part.shape[1], -1)  # (B, c', W * r'), a view
+                step = max(1, DECISION_CHUNK_BYTES // (line_bytes * len(kept)))
+                for first in range(lines.start, lines.stop, step):
+                    some = slice(first, min(first + step, lines.stop))
+                    with torch.autocast(self.grid.device.type, enabled=False):
+                        block = self.along_y[some, band_cells] @ part  # (B, n, W * r')
+                    yield some, block.view(batch, -1, width, len(kept)), kept
 
     @cached_property
     def _bands(self) -> list[tuple[slice, slice]]:
         """Runs of lines that mix the same span of grid lines (lines, cells): a line mixes a
         few cells of a window or two, so a dense product would multiply mostly zeros."""
         return _runs(self.along_y)
+
+    @cached_property
+    def _stripes(self) -> list[tuple[slice, list[int]]]:
+        """Runs of consecutive `_bands` (their indices) and the grid lines they mix (cells),
+        each run as long as those grid lines of every row, expanded along the image's width
+        (B x R x cells x W float32), fit DECISION_CHUNK_BYTES; one band at least."""
+        batch, count, _, width = self.shape
+        limit = DECISION_CHUNK_BYTES // (batch * count * width * FLOAT32_BYTES)  # grid lines
+        stripes, members, low, high = [], [], 0, 0
+        for index, (_, cells) in enumerate(self._bands):
+            if members and max(high, cells.stop) - min(low, cells.start) > limit:
+                stripes.append((slice(low, high), members))
+                members = []
+            if not members:
+                low, high = cells.start, cells.stop
+            members.append(index)
+            low, high = min(low, cells.start), max(high, cells.stop)
+        stripes.append((slice(low, high), members))
+        return stripes
 
     def contenders(self) -> Tensor:
         """(bands, R) bool: the rows that can be some pixel's best in each of `_bands`, found
@@ -420,16 +431,15 @@ def decide_stitched(
 ) -> Decision:
     """`decide_labels(class_probabilities(...))` of stitched scores without holding them.
 
-    The rows are expanded to pixels a block of lines and a run of rows at a time
-    (`StitchedScores.blocks`, DECISION_CHUNK_BYTES) and folded into running (B, H, W) maps:
-    the labels are the class of each pixel's best row
-    (every activation is increasing in the score, so the best row is the most probable; ties
-    go to the first row, as an argmax does). When nothing but the best row counts (no means,
-    no softmax threshold), only the rows that can be best somewhere are expanded
-    (`StitchedScores.contenders`). A softmax's normaliser, needed only for the
-    background threshold and the means, is summed in the same pass, shifted by an upper bound
-    of each pixel's best score (`_best_score_bound`) so no exponential overflows; the means
-    take a second pass. Equal to the full computation up to float rounding.
+    One pass over `StitchedScores.blocks`. A block holds every row its lines need, so the
+    labels (each pixel's best row's class: every activation is increasing in the score), a
+    softmax's normaliser (for the background threshold and the means) and the means' sums come
+    from the block alone. When only the best row counts (no means, no softmax threshold), a
+    block holds only the rows that can be best in its lines (`StitchedScores.contenders`).
+    With means, the rows are first reordered (`_synonym_order`) so that each class's max over
+    its rows takes a few slices. Equal to the full computation up to float rounding; a tie goes
+    to the first row in the block (with means an exact tie of two names' scores could go to
+    the other name: names are unique, see `zegkit.text.parse_classes`).
 
     Args:
         stitched: scores (B, R, H, W) over the method's rows.
@@ -442,105 +452,62 @@ def decide_stitched(
         ValueError: a threshold without a background index.
     """
     joint = activation.kind == "softmax" and (background_threshold is not None or means)
-    prune = not (joint or means)  # only each pixel's best row counts
-    shift = activation.scale * _best_score_bound(stitched) if joint else None
+    row_classes = row_classes.to(stitched.grid.device)
+    if means:
+        order, widths = _synonym_order(row_classes)
+        stitched, row_classes = replace(stitched, grid=stitched.grid[:, order]), row_classes[order]
+    if joint:  # the softmax's scaled scores; an axis matrix is cheaper to scale than each block
+        stitched = replace(stitched, along_y=activation.scale * stitched.along_y)
     batch, _, height, width = stitched.shape
-    best = stitched.grid.new_full((batch, height, width), float("-inf"))
-    best_row = torch.zeros(best.shape, dtype=torch.long, device=best.device)
-    total = torch.zeros_like(best) if joint else None
-    step = _rows_per_block(stitched)
-    blocks = stitched.contending_blocks(step) if prune else _every_block(stitched, step)
-    for lines, block, rows in blocks:  # (B, n, W, r) and the r rows' indices
-        block_best, block_row = block.max(dim=-1)
-        better = block_best > best[:, lines]  # ties keep the earlier row, as argmax does
-        kept_row = best_row[:, lines]
-        torch.where(better, rows[block_row], kept_row, out=kept_row)
-        torch.maximum(best[:, lines], block_best, out=best[:, lines])
-        if joint:
-            exponents = activation.scale * block - shift[:, lines, :, None]
-            total[:, lines] += exponents.clamp_min_(EXP_FLOOR).exp_().sum(dim=-1)
-    log_normalizer = shift + total.log() if joint else None
-    labels = row_classes.to(best_row.device)[best_row]
-    if background_threshold is not None:
-        confidence = activation.probabilities(best[:, None], log_normalizer)[:, 0]
-        labels = _threshold(labels, confidence, background_threshold, background)
+    labels = torch.empty((batch, height, width), dtype=torch.long, device=stitched.grid.device)
+    confidence = None if background_threshold is None else stitched.grid.new_empty(labels.shape)
+    sums = []  # each block's (B, K), added up in float64 at the end
+    for lines, block, rows in stitched.blocks(None if joint or means else stitched.contenders()):
+        best, best_row = block.max(dim=-1)  # (B, n, W)
+        labels[:, lines] = row_classes[rows[best_row]]
+        if joint:  # each row's probability times the normaliser, then the best row's probability
+            block = block.sub_(best[..., None]).clamp_min_(EXP_FLOOR).exp_()
+            best = block.sum(dim=-1).reciprocal_()
+        elif confidence is not None:
+            best = activation.probabilities(best, None)
+        if confidence is not None:
+            confidence[:, lines] = best
+        if means:
+            top = _class_max(block, widths)  # (B, n, W, K)
+            sums.append(torch.einsum("bnwk,bnw->bk", top, best) if joint
+                        else activation.probabilities(top, None).sum(dim=(1, 2)))
+    labels = _threshold(labels, confidence, background_threshold, background)
     if not means:
         return Decision(labels)
-    starts = _class_starts(row_classes.cpu())
-    return Decision(labels, _class_means(stitched, activation, row_classes.cpu(), starts,
-                                          _class_chunks(starts, stitched), log_normalizer))
+    sorted_means = torch.stack(sums).cpu().double().sum(0) / (height * width)
+    class_means = torch.empty_like(sorted_means, dtype=torch.float32)
+    class_means[:, row_classes[: widths[0]].cpu()] = sorted_means.float()  # one row a class
+    return Decision(labels, class_means.to(labels.device))
 
 
-def _class_means(stitched: StitchedScores, activation: Activation, row_classes: Tensor,
-                 starts: list[int], chunks: list[slice], log_normalizer: Tensor | None
-                 ) -> Tensor:
-    """(B, K) each class's probability averaged over the pixels: a class's probability is
-    that of its best row (the activation is increasing), so one exponential per class."""
-    batch, classes, height, width = stitched.shape[0], len(starts) - 1, *stitched.shape[2:]
-    sums = stitched.grid.new_zeros(batch, classes)
-    for chunk in chunks:
-        rows = slice(starts[chunk.start], starts[chunk.stop])
-        row_class = (row_classes[rows] - chunk.start).to(stitched.grid.device)
-        for lines, block in stitched.blocks(rows):  # (B, n, W, r)
-            top = _class_max(block, row_class, chunk.stop - chunk.start)
-            normalizer = None if log_normalizer is None else log_normalizer[:, lines]
-            probabilities = activation.probabilities(top.permute(0, 3, 1, 2), normalizer)
-            sums[:, chunk] += probabilities.sum(dim=(2, 3))
-    return sums / (height * width)
+def _synonym_order(row_classes: Tensor) -> tuple[Tensor, list[int]]:
+    """A reordering (R,) of class-major rows (R,) by depth: each class's first row, then each
+    second row, and so on, the classes ordered by their row count (most first, then by index),
+    so that at each depth the classes that have a row there come first; and how many do
+    (widths, K at depth 0)."""
+    counts = torch.bincount(row_classes)
+    starts = counts.cumsum(0) - counts
+    classes = torch.sort(counts, descending=True, stable=True).indices
+    widths = [int((counts > depth).sum()) for depth in range(int(counts.max()))]
+    order = torch.cat([starts[classes[:count]] + depth for depth, count in enumerate(widths)])
+    return order, widths
 
 
-def _class_max(block: Tensor, row_class: Tensor, classes: int) -> Tensor:
-    """(..., k): each class's max over its rows of scores (..., r) whose rows belong to the
-    classes `row_class` (r,) in 0..k-1."""
-    if block.shape[-1] == classes:
+def _class_max(block: Tensor, widths: list[int]) -> Tensor:
+    """(..., K) each class's max over its rows of scores (..., R) in `_synonym_order`."""
+    if len(widths) == 1:
         return block
-    out = block.new_full((*block.shape[:-1], classes), float("-inf"))
-    return out.scatter_reduce(-1, row_class.expand_as(block), block, reduce="amax",
-                              include_self=False)
-
-
-def _best_score_bound(stitched: StitchedScores) -> Tensor:
-    """(B, H, W), at least each pixel's best score over the rows and close to it: the rows' max
-    over the grid, stitched and resized like the scores (each pixel's score is a weighted mean
-    of grid cells with non-negative weights, so its max over rows is at most the same mean of
-    the cells' maxima)."""
-    bound = replace(stitched, grid=stitched.grid.amax(dim=1, keepdim=True))
-    return bound.values()[:, 0]
-
-
-def _class_starts(row_classes: Tensor) -> list[int]:
-    """The first row of each class and the row count (K + 1 ints) of class-major rows (R,)."""
-    classes = int(row_classes[-1]) + 1
-    return torch.searchsorted(row_classes, torch.arange(classes + 1)).tolist()
-
-
-def _class_chunks(starts: list[int], stitched: StitchedScores) -> list[slice]:
-    """Runs of whole classes (slices of class indices) whose rows in one of `stitched.blocks`'
-    blocks (B x n x W x r float32) fit DECISION_CHUNK_BYTES; one class at least."""
-    budget = _rows_per_block(stitched)
-    chunks, first = [], 0
-    for last in range(1, len(starts) - 1):  # does class `last` still fit the run from `first`?
-        if starts[last + 1] - starts[first] > budget:
-            chunks.append(slice(first, last))
-            first = last
-    chunks.append(slice(first, len(starts) - 1))
-    return chunks
-
-
-def _every_block(stitched: StitchedScores, step: int) -> Iterator[tuple[slice, Tensor, Tensor]]:
-    """`stitched.blocks` of all rows, `step` at a time, as `contending_blocks` gives them."""
-    count = stitched.shape[1]
-    for first in range(0, count, step):
-        rows = slice(first, min(first + step, count))
-        indices = torch.arange(rows.start, rows.stop, device=stitched.grid.device)
-        yield from ((lines, block, indices) for lines, block in stitched.blocks(rows))
-
-
-def _rows_per_block(stitched: StitchedScores) -> int:
-    """How many rows one of `stitched.blocks`' blocks (B x n x W x r float32) may hold within
-    DECISION_CHUNK_BYTES; 1 at least."""
-    batch, _, _, width = stitched.shape
-    return max(1, DECISION_CHUNK_BYTES // (batch * stitched.block_lines * width * FLOAT32_BYTES))
+    top = block[..., : widths[0]].clone()
+    offset = widths[0]
+    for count in widths[1:]:
+        torch.maximum(top[..., :count], block[..., offset : offset + count], out=top[..., :count])
+        offset += count
+    return top
 
 
 def background_class(classes: Sequence[Sequence[str]]) -> int:

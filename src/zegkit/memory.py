@@ -23,7 +23,7 @@ from zegkit.inference import InferenceConfig, resized_size, window_starts
 FLOAT32_BYTES, INT64_BYTES = 4, 8
 # Per input pixel, what the label path holds at once (one image):
 DECODED_BYTES = 4 + 3 * FLOAT32_BYTES  # the RGB image (Pillow keeps 4 bytes a pixel), (3, H, W)
-RUNNING_BYTES = FLOAT32_BYTES + INT64_BYTES  # each pixel's best score so far and its row
+RUNNING_BYTES = INT64_BYTES + FLOAT32_BYTES  # each pixel's label and, for a threshold, probability
 # Refiners need every class at full resolution: the scores and their probabilities, per class.
 REFINED_BYTES_PER_CLASS = 2 * FLOAT32_BYTES
 # The measured peak over this least need (see the module doc: 50 / 28 bytes per pixel), for

@@ -310,7 +310,7 @@ class Segmenter:
         (B, 3, H, W) in [0, 1] (or uint8), equal to `decide(probabilities(images))` and its
         mean over the pixels up to float rounding.
 
-        Without refiners the classes are decided a few at a time from the stitched scores
+        Without refiners the classes are decided a block of lines at a time from the stitched scores
         (`decide_stitched`), so memory does not grow with classes x pixels; refiners need every
         class at full resolution, so with them this goes through `probabilities`.
 
