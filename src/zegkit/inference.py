@@ -461,7 +461,8 @@ def decide_stitched(
     batch, _, height, width = stitched.shape
     labels = torch.empty((batch, height, width), dtype=torch.long, device=stitched.grid.device)
     confidence = None if background_threshold is None else stitched.grid.new_empty(labels.shape)
-    sums = []  # each block's (B, K), added up in float64 at the end
+    # added up in place: a list of small tensors kept between the blocks fragments the heap
+    sums = stitched.grid.new_zeros(batch, widths[0]) if means else None
     for lines, block, rows in stitched.blocks(None if joint or means else stitched.contenders()):
         best, best_row = block.max(dim=-1)  # (B, n, W)
         labels[:, lines] = row_classes[rows[best_row]]
@@ -474,15 +475,14 @@ def decide_stitched(
             confidence[:, lines] = best
         if means:
             top = _class_max(block, widths)  # (B, n, W, K)
-            sums.append(torch.einsum("bnwk,bnw->bk", top, best) if joint
-                        else activation.probabilities(top, None).sum(dim=(1, 2)))
+            sums += (torch.einsum("bnwk,bnw->bk", top, best) if joint
+                     else activation.probabilities(top, None).sum(dim=(1, 2)))
     labels = _threshold(labels, confidence, background_threshold, background)
     if not means:
         return Decision(labels)
-    sorted_means = torch.stack(sums).cpu().double().sum(0) / (height * width)
-    class_means = torch.empty_like(sorted_means, dtype=torch.float32)
-    class_means[:, row_classes[: widths[0]].cpu()] = sorted_means.float()  # one row a class
-    return Decision(labels, class_means.to(labels.device))
+    class_means = torch.empty_like(sums)
+    class_means[:, row_classes[: widths[0]]] = sums / (height * width)  # first rows: a class each
+    return Decision(labels, class_means)
 
 
 def _synonym_order(row_classes: Tensor) -> tuple[Tensor, list[int]]:
