@@ -29,8 +29,9 @@ MODES = ("slide", "whole")
 BACKGROUND_NAME = "background"
 UINT8_MAX = 255
 
-# Bytes of full-resolution scores the class decision expands at once: the rows of one band of
-# lines (`StitchedScores.blocks`), as many as fit (`decide_stitched`).
+# Bytes of scores the class decision expands at once: the rows a block of lines needs, at full
+# resolution (`StitchedScores.blocks`), and before that, the grid lines of a run of such blocks
+# expanded along the width (`StitchedScores._stripes`).
 DECISION_CHUNK_BYTES = 64 * 2**20
 FLOAT32_BYTES = 4
 # Scores within this fraction of the largest score's magnitude of beating a row still contend
@@ -176,8 +177,9 @@ class StitchedScores:
     Stitching, averaging, cropping and resizing are linear and act on the two image axes
     separately, so the windows' scores are kept side by side at their own (patch) resolution in
     `grid` and each axis's chain of those steps is one matrix. A pixel mixes a few cells, so
-    runs of lines that mix the same grid lines (`_bands`) are expanded one at a time: `blocks`
-    yields them, `values` joins them, and the class decision (`decide_stitched`) reads them.
+    runs of lines that mix the same grid lines (`_bands`) are expanded a block at a time:
+    `blocks` yields them, `values` joins them, and the class decision (`decide_stitched`) reads
+    them.
 
     Attributes:
         grid: B x R x gh x gw float32: window (i, j)'s scores (R, h, w) fill block (i, j).

@@ -8,8 +8,8 @@ and the overlay are made at the input's full resolution whatever --short-side sa
 large image that part dominates, and only a smaller image (or more memory) helps. A request is
 refused only when even this bound exceeds what is available; one that passes may still need
 about twice the bound (a 16-MP greyscale PNG through the shipped model, SCLIP, fp32: the bound
-is 28 bytes per pixel, the measured peak 50 bytes per pixel above the loaded model; 90 before
-the decision read a resized image a band of lines at a time).
+is 28 bytes per pixel, the measured peak 38 bytes per pixel above the loaded model; 54 before
+the decision took one pass, 90 before it read a resized image a band of lines at a time).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ DECODED_BYTES = 4 + 3 * FLOAT32_BYTES  # the RGB image (Pillow keeps 4 bytes a p
 RUNNING_BYTES = INT64_BYTES + FLOAT32_BYTES  # each pixel's label and, for a threshold, probability
 # Refiners need every class at full resolution: the scores and their probabilities, per class.
 REFINED_BYTES_PER_CLASS = 2 * FLOAT32_BYTES
-# The measured peak over this least need (see the module doc: 50 / 28 bytes per pixel), for
-# suggesting an image size that fits in practice.
+# The measured peak over this least need (see the module doc: 38 / 28 bytes per pixel, with
+# room for larger vocabularies), for suggesting an image size that fits in practice.
 TYPICAL_PEAK_FACTOR = 2
 MEMINFO = Path("/proc/meminfo")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
