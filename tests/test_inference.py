@@ -286,7 +286,7 @@ def _colour_scores(prototypes):
 @pytest.mark.parametrize("chunk_bytes", [None, 1])
 def test_rows_that_are_nowhere_best_are_not_expanded(monkeypatch, size, chunk_bytes):
     """Per run of lines only the rows that can be best there are expanded; the labels stay
-    those of the argmax over every row at every pixel (also resized, also a row at a time)."""
+    those of the argmax over every row at every pixel (also resized, also a line a block)."""
     corners = torch.tensor([[(i >> b) & 1 for b in range(3)] for i in range(8)], dtype=torch.float)
     prototypes = torch.cat([corners, torch.tensor([[0.5, 0.5, 0.5], [0.5, 0, 0], [0, 0.5, 0],
                                                    [0, 0, 0.5]])])  # 12 distinct colours

@@ -229,11 +229,12 @@ class StitchedScores:
                 lines, band_cells = self._bands[band]
                 part = across[:, band_cells.start - cells.start : band_cells.stop - cells.start]
                 kept = marked
-                if rows is not None and not rows[band, marked].all():
+                if rows is not None:
                     positions = rows[band, marked].nonzero()[:, 0]
-                    part, kept = part[..., positions], marked[positions]
-                if not len(kept):  # no row is marked for these lines
-                    continue
+                    if not len(positions):  # no row is marked for these lines
+                        continue
+                    if len(positions) < len(marked):
+                        part, kept = part[..., positions], marked[positions]
                 part = part.reshape(batch, part.shape[1], -1)  # (B, c', W * r'), a view
                 step = max(1, DECISION_CHUNK_BYTES // (line_bytes * len(kept)))
                 for first in range(lines.start, lines.stop, step):
@@ -255,16 +256,16 @@ class StitchedScores:
         (B x R x cells x W float32), fit DECISION_CHUNK_BYTES; one band at least."""
         batch, count, _, width = self.shape
         limit = DECISION_CHUNK_BYTES // (batch * count * width * FLOAT32_BYTES)  # grid lines
-        stripes, members, low, high = [], [], 0, 0
+        stripes: list[tuple[slice, list[int]]] = []
         for index, (_, cells) in enumerate(self._bands):
-            if members and max(high, cells.stop) - min(low, cells.start) > limit:
-                stripes.append((slice(low, high), members))
-                members = []
-            if not members:
-                low, high = cells.start, cells.stop
-            members.append(index)
-            low, high = min(low, cells.start), max(high, cells.stop)
-        stripes.append((slice(low, high), members))
+            if stripes:  # the last stripe takes this band if their grid lines still fit
+                span, members = stripes[-1]
+                low, high = min(span.start, cells.start), max(span.stop, cells.stop)
+                if high - low <= limit:
+                    members.append(index)
+                    stripes[-1] = (slice(low, high), members)
+                    continue
+            stripes.append((cells, [index]))
         return stripes
 
     def contenders(self) -> Tensor:

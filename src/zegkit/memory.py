@@ -60,7 +60,7 @@ def segment_need(height: int, width: int, config: InferenceConfig, num_classes: 
     pixels = height * width
     resized_h, resized_w = resized_size(height, width, config.short_side)
     refining = config.refine != "none"  # then the decision reads full probabilities
-    full = (DECODED_BYTES + RUNNING_BYTES) * pixels  # scores come a band of lines at a time
+    full = (DECODED_BYTES + RUNNING_BYTES) * pixels  # scores come a block of lines at a time
     refined = REFINED_BYTES_PER_CLASS * num_classes * pixels if refining else 0
     resized = 3 * FLOAT32_BYTES * resized_h * resized_w
     if config.mode == "slide":  # every crop of the image is cut out at once
